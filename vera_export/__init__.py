@@ -1,0 +1,40 @@
+"""Merge, verify and export PEFT VeRA adapters without PEFT."""
+
+from .adapter import VeraAdapter, VeraConfig, load_adapter
+from .errors import (
+    AdapterError,
+    CheckpointError,
+    IncompatibleAdapterError,
+    OutputError,
+    VeraExportError,
+    VeraExportWarning,
+)
+from .inspection import inspect
+from .layers import VeraLinear, apply_vera, merge_into, unmerge_from
+from .merge import merge, unmerge
+from .options import MergeOptions
+from .projections import Rounding, generate_projections
+from .verify import verify
+
+__all__ = [
+    "AdapterError",
+    "CheckpointError",
+    "IncompatibleAdapterError",
+    "MergeOptions",
+    "OutputError",
+    "Rounding",
+    "VeraAdapter",
+    "VeraConfig",
+    "VeraExportError",
+    "VeraExportWarning",
+    "VeraLinear",
+    "apply_vera",
+    "generate_projections",
+    "inspect",
+    "load_adapter",
+    "merge",
+    "merge_into",
+    "unmerge",
+    "unmerge_from",
+    "verify",
+]
