@@ -1,0 +1,202 @@
+"""`vera-export`: each subcommand parses its arguments and calls one library function."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from .errors import VeraExportError, VeraExportWarning
+from .inspection import inspect
+from .merge import merge, unmerge
+from .options import MergeOptions
+from .projections import Rounding
+from .verify import verify
+
+EXIT_FAILED = 1  # verification ran and failed
+EXIT_ERROR = 2  # bad input: one line on stderr, no traceback
+
+
+class _Group(click.Group):
+    """Turns expected errors into one line on stderr and exit code 2; `--debug` keeps the traceback."""
+
+    def invoke(self, ctx: click.Context):
+        debug = ctx.params.get("debug", False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = _show_warning
+            try:
+                return super().invoke(ctx)
+            except VeraExportError as exc:
+                if debug:
+                    raise
+                click.echo(f"error: {exc}", err=True)
+                ctx.exit(EXIT_ERROR)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # Our own warnings become one line each; other libraries' chatter stays out of the way.
+    if issubclass(category, VeraExportWarning):
+        click.echo(f"warning: {message}", err=True)
+
+
+def _warn(lines: list[str]) -> None:
+    for line in lines:
+        click.echo(f"warning: {line}", err=True)
+
+
+_path = click.Path(path_type=Path)
+_adapters = click.option(
+    "--adapter", "adapters", multiple=True, required=True, type=_path,
+    help="PEFT VeRA adapter directory; repeat to fold several in order.",
+)
+_quiet = click.option("--quiet", is_flag=True, help="No progress bar.")
+_json = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
+_allow_pickle = click.option(
+    "--allow-pickle", is_flag=True, help="Read adapter_model.bin with torch.load(weights_only=True) if there is no safetensors."
+)
+_rounding = click.option(
+    "--rounding", type=click.Choice([r.value for r in Rounding]), default=Rounding.FMA.value, show_default=True,
+    help="CPU rounding to reproduce when regenerating projections: 'separate' for adapters trained on CPUs without AVX2.",
+)
+
+
+def _write_options(f):
+    for option in (
+        click.option("--device", default="cpu", show_default=True, help="Where the fold runs, e.g. cuda."),
+        click.option("--force", is_flag=True, help="Replace a non-empty output directory once the new one is complete."),
+        _allow_pickle,
+        _rounding,
+        _quiet,
+        _json,
+    ):
+        f = option(f)
+    return f
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="vera-export")
+def main(debug: bool) -> None:
+    """Merge, verify and export PEFT VeRA adapters without PEFT.
+
+    \b
+    Example:
+      vera-export merge --base fixtures/tiny-llama --adapter fixtures/tiny-llama-vera --output out/merged --verify
+    """
+
+
+@main.command("merge")
+@click.option("--base", required=True, type=_path, help="Base model directory (config.json + safetensors).")
+@_adapters
+@click.option("--output", required=True, type=_path, help="Directory for the merged checkpoint.")
+@click.option("--verify/--no-verify", "run_verify", default=False, help="Verify the merged checkpoint afterwards.")
+@_write_options
+def merge_command(base, adapters, output, run_verify, device, force, allow_pickle, rounding, quiet, as_json):
+    """Fold VeRA adapters into a base checkpoint, correctly rounded, streaming shard by shard.
+
+    \b
+    Example:
+      vera-export merge --base ./llama --adapter ./my-vera --output ./llama-merged --verify
+    """
+    options = MergeOptions(device=device, force=force, allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=not quiet)
+    report = merge(base, adapters, output, options)
+    _warn(report.warnings)
+    result = {"merge": report.to_json()}
+    if not as_json:
+        click.echo(
+            f"merged {len(report.adapters)} adapter(s) into {output}: {len(report.folded)} weights folded, "
+            f"{len(report.replaced)} tensors replaced, {report.copied} copied ({report.seconds:.1f} s)"
+        )
+    if run_verify:
+        verdict = verify(base, adapters, output, options=options)
+        result["verify"] = verdict.to_json()
+        _print_verification(verdict, as_json=as_json, quiet=quiet)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    if run_verify and not verdict.passed:
+        sys.exit(EXIT_FAILED)
+
+
+@main.command("unmerge")
+@click.option("--merged", required=True, type=_path, help="Merged model directory.")
+@_adapters
+@click.option("--output", required=True, type=_path, help="Directory for the restored base checkpoint.")
+@_write_options
+def unmerge_command(merged, adapters, output, device, force, allow_pickle, rounding, quiet, as_json):
+    """Subtract VeRA adapters from a merged checkpoint.
+
+    Trained biases and modules_to_save that the merge replaced cannot be restored and are reported.
+
+    \b
+    Example:
+      vera-export unmerge --merged ./llama-merged --adapter ./my-vera --output ./llama-restored
+    """
+    options = MergeOptions(device=device, force=force, allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=not quiet)
+    report = unmerge(merged, adapters, output, options)
+    _warn(report.warnings)
+    if as_json:
+        click.echo(json.dumps({"unmerge": report.to_json()}, indent=2))
+    else:
+        click.echo(f"unmerged {len(report.adapters)} adapter(s) into {output}: {len(report.folded)} weights restored ({report.seconds:.1f} s)")
+
+
+@main.command("inspect")
+@click.argument("adapter", type=_path)
+@click.option("--base", type=_path, help="Also check the adapter against this base model directory.")
+@_allow_pickle
+@_json
+def inspect_command(adapter, base, allow_pickle, as_json):
+    """Describe an adapter and, with --base, every incompatibility with that base.
+
+    Exits 1 when --base is given and the adapter does not fit it.
+
+    \b
+    Example:
+      vera-export inspect ./my-vera --base ./llama --json
+    """
+    report = inspect(adapter, base, allow_pickle=allow_pickle)
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.text())
+    if base is not None and not report.compatible:
+        sys.exit(EXIT_FAILED)
+
+
+@main.command("verify")
+@click.option("--base", required=True, type=_path, help="Base model directory.")
+@_adapters
+@click.option("--merged", required=True, type=_path, help="Merged model directory to check.")
+@click.option(
+    "--full-model/--layers-only", default=None,
+    help="Compare whole-model outputs too (default: when two copies fit in memory).",
+)
+@_allow_pickle
+@_rounding
+@_quiet
+@_json
+def verify_command(base, adapters, merged, full_model, allow_pickle, rounding, quiet, as_json):
+    """Check a merged checkpoint against the unmerged VeRA model; exit 1 if any check fails.
+
+    \b
+    Example:
+      vera-export verify --base ./llama --adapter ./my-vera --merged ./llama-merged --json
+    """
+    options = MergeOptions(allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=not quiet)
+    report = verify(base, adapters, merged, full_model=full_model, options=options)
+    _print_verification(report, as_json=as_json, quiet=quiet)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    if not report.passed:
+        sys.exit(EXIT_FAILED)
+
+
+def _print_verification(report, as_json: bool, quiet: bool) -> None:
+    _warn(report.warnings)
+    if as_json:
+        return
+    for check in report.checks:
+        if not quiet or not check.passed:
+            click.echo(check.line())
+    click.echo(report.summary())

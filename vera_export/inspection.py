@@ -1,0 +1,156 @@
+"""Describe an adapter, and with a base model, everything that keeps it from applying, all at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapter import VeraAdapter, load_adapter
+from .errors import VeraExportError
+from .projections import Rounding, generate_projections
+from .safetensors_io import ShardedTensorIndex
+from .plan import resolve_projections
+from .targets import incompatibilities, linear_weights, match_layers, untrained_targets
+
+
+@dataclass
+class InspectReport:
+    """What `vera-export inspect` prints; `to_json` is its `--json` form."""
+
+    adapter: dict
+    layers: list[dict]
+    projections: dict
+    base: str | None = None
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def compatible(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        return {
+            "adapter": self.adapter,
+            "layers": self.layers,
+            "projections": self.projections,
+            "base": self.base,
+            "compatible": self.compatible if self.base else None,
+            "problems": self.problems,
+            "warnings": self.warnings,
+        }
+
+    def text(self) -> str:
+        a = self.adapter
+        lines = [
+            f"adapter     {a['path']}",
+            f"r           {a['r']}",
+            f"targets     {a['target_modules']}" + (f" (layers {a['layers_to_transform']})" if a["layers_to_transform"] is not None else ""),
+            f"layers      {len(self.layers)}",
+            f"bias        {a['bias']}; modules_to_save {a['modules_to_save'] or 'none'}",
+            f"trainable   {a['trainable_parameters']:,} parameters; checkpoint {a['checkpoint_bytes']:,} bytes",
+            f"projections {self.projections['summary']}",
+        ]
+        for layer in self.layers:
+            shape = f" weight {layer['weight_shape']}{' (fan_in_fan_out)' if layer.get('fan_in_fan_out') else ''}" if "weight_shape" in layer else ""
+            lines.append(f"  {layer['module']}: lambda_b {layer['lambda_b']}, lambda_d {layer['lambda_d']}{shape}")
+        if self.base:
+            verdict = "fits" if self.compatible else f"does NOT fit ({len(self.problems)} problems)"
+            lines.append(f"base        {self.base}: {verdict}")
+        lines += [f"  problem: {p}" for p in self.problems]
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def inspect(adapter: str | Path | VeraAdapter, base: str | Path | None = None, allow_pickle: bool = False) -> InspectReport:
+    """Describe an adapter: config, layers, size, projections; and with `base`, every incompatibility with it.
+
+    Stored projections are compared with what `projection_prng_key` regenerates, under both CPU roundings (see
+    `projections.Rounding`), so the report says whether the checkpoint would reload identically without them.
+    """
+    adapter = adapter if isinstance(adapter, VeraAdapter) else load_adapter(adapter, allow_pickle)
+    config = adapter.config
+    weights = adapter.path / "adapter_model.safetensors"
+    summary = {
+        "path": str(adapter.path),
+        "r": config.r,
+        "target_modules": config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules),
+        "layers_to_transform": config.layers_to_transform,
+        "fan_in_fan_out": config.fan_in_fan_out,
+        "bias": config.bias,
+        "modules_to_save": list(config.modules_to_save),
+        "projection_prng_key": config.projection_prng_key,
+        "save_projection": config.save_projection,
+        "trainable_parameters": adapter.num_trainable_parameters(),
+        "checkpoint_bytes": weights.stat().st_size if weights.is_file() else 0,
+        "replaced_tensors": sorted(adapter.replacements),
+    }
+    layers = [
+        {"module": m, "lambda_b": layer.lambda_b.numel(), "lambda_d": layer.lambda_d.numel()}
+        for m, layer in adapter.layers.items()
+    ]
+    report = InspectReport(summary, layers, _stored_projections(adapter), warnings=list(adapter.warnings))
+    if base is not None:
+        _against_base(report, adapter, Path(base))
+    return report
+
+
+def _stored_projections(adapter: VeraAdapter) -> dict:
+    if adapter.vera_A is None:
+        return {"source": "regenerated", "summary": f"regenerated from projection_prng_key {adapter.config.projection_prng_key}"}
+    max_in, max_out = adapter.vera_A.shape[1], adapter.vera_B.shape[0]
+    matches = [
+        rounding.value
+        for rounding in Rounding
+        if _equal((adapter.vera_A, adapter.vera_B), generate_projections(adapter.config.projection_prng_key, adapter.config.r, max_in, max_out, rounding))
+    ]
+    if matches:
+        verdict = f"equal to what the key regenerates ({matches[0]} rounding)"
+    else:
+        verdict = "differ from what the key regenerates: keep them stored (do not set save_projection to false)"
+    return {
+        "source": "stored",
+        "vera_A": list(adapter.vera_A.shape),
+        "vera_B": list(adapter.vera_B.shape),
+        "regenerated_equal": bool(matches),
+        "rounding": matches[0] if matches else None,
+        "summary": f"stored, vera_A {list(adapter.vera_A.shape)}, vera_B {list(adapter.vera_B.shape)}; {verdict}",
+    }
+
+
+def _equal(stored: tuple[torch.Tensor, torch.Tensor], regenerated: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    return all(torch.equal(s.float(), r) for s, r in zip(stored, regenerated))
+
+
+def _against_base(report: InspectReport, adapter: VeraAdapter, base: Path) -> None:
+    report.base = str(base)
+    try:
+        index = ShardedTensorIndex.from_dir(base)
+    except VeraExportError as exc:
+        report.problems.append(str(exc))
+        return
+    shapes = {name: info.shape for name, info in index.tensors.items()}
+    report.problems.extend(incompatibilities(adapter, shapes))
+    linear = linear_weights(shapes)
+    for layer in report.layers:
+        shape = linear.get(layer["module"])
+        if shape is not None:
+            layer["weight_shape"] = list(shape)
+    if report.problems:
+        return
+    targets = match_layers(adapter, shapes)
+    for layer in report.layers:
+        layer["fan_in_fan_out"] = targets[layer["module"]].fan_in_fan_out
+    untrained = untrained_targets(adapter, shapes)
+    if untrained:
+        report.warnings.append(f"target_modules also matches {len(untrained)} layers without lambdas: {', '.join(untrained)}")
+    try:
+        projections = resolve_projections(adapter, index.tensors, targets)
+    except VeraExportError as exc:
+        report.problems.append(str(exc))
+        return
+    if not projections.stored:
+        shape_A, shape_B = list(projections.vera_A.shape), list(projections.vera_B.shape)
+        report.projections.update(vera_A=shape_A, vera_B=shape_B)
+        report.projections["summary"] += f": vera_A {shape_A}, vera_B {shape_B}"

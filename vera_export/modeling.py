@@ -1,0 +1,50 @@
+"""Load a Hugging Face model directory with transformers, by the architecture its `config.json` names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import transformers
+
+from .errors import CheckpointError
+
+
+def model_class(model_dir: Path) -> type[transformers.PreTrainedModel]:
+    """The transformers class named by `config.json`'s `architectures`."""
+    config_path = model_dir / "config.json"
+    try:
+        architectures = json.loads(config_path.read_text()).get("architectures") or []
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{config_path}: cannot be read ({exc}); a Hugging Face model needs its config.json") from None
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    if cls is None:
+        raise CheckpointError(
+            f"{config_path}: architectures {architectures} names no class this transformers "
+            f"{transformers.__version__} knows; model outputs cannot be computed"
+        )
+    return cls
+
+
+def load_model(model_dir: Path, dtype: torch.dtype) -> transformers.PreTrainedModel:
+    """The model in `dtype`, in eval mode, without a KV cache."""
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # our own progress bar is the only one
+    try:
+        model = model_class(model_dir).from_pretrained(model_dir, dtype=dtype)
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    model.config.use_cache = False
+    return model.eval()
+
+
+def model_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`logits` when the model has a head, else `last_hidden_state`."""
+    output = model(**batch)
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(output, key, None)
+        if value is not None:
+            return {key: value}
+    raise CheckpointError(f"{type(model).__name__} returns neither logits nor last_hidden_state")

@@ -1,0 +1,287 @@
+"""Check a merged checkpoint against the unmerged VeRA model: the CI gate.
+
+Two kinds of checks, both in the fold's compute precision (float32 for 16-bit weights, float64 for float32):
+
+- **Layers**, streaming, for a model of any size. For each adapted weight `W'`, with the base weight `W` and the
+  adapter's path `x -> lambda_b * (B_s (lambda_d * (A_s x)))`:
+  *probes*: `W' x` against `W x + adapter(x)` for Gaussian probe vectors `x`. A correctly merged weight differs
+  from `W + delta_W` only by per-element rounding, so each output's error is Gaussian with standard deviation at
+  most `sigma = sqrt(sum_j ulp(W'_ij)^2)`; the check fails above 8 sigma (a false alarm has odds below 1e-14).
+  *rows*: a few whole rows of `W'` against `W + delta_W` computed exactly, element by element; each may be off by
+  at most `ulp(W')` plus the error bound of computing `delta_W` in float32 (as PEFT does before adding it).
+- **Model**, when it fits in memory: the merged model's outputs against the unmerged VeRA model's (base model plus
+  `layers.VeraLinear`, which computes what PEFT computes) on fixed inputs of two shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapter import VeraAdapter, VeraLayer, load_adapter
+from .errors import CheckpointError
+from .fold import compute_dtype, gamma
+from .options import MergeOptions
+from .plan import LayerDelta, build_plan
+from .progress import progress_bar
+from .safetensors_io import LazyTensorLoader, ShardedTensorIndex
+
+PROBES = 4
+SIGMAS = 8.0
+ROWS = 8
+# Relative tolerance of model outputs, in units of the weights' unit roundoff: rounding every weight once moves
+# each logit by a few roundoffs of its scale.
+MODEL_ROUNDOFFS = 16.0
+INPUT_SHAPES = ((2, 7), (1, 16))
+
+
+@dataclass
+class Check:
+    """One comparison: what, how far off, against what tolerance."""
+
+    name: str
+    max_abs_error: float
+    max_rel_error: float
+    tolerance: float
+    passed: bool
+    detail: str = ""
+
+    def line(self) -> str:
+        mark = "ok  " if self.passed else "FAIL"
+        return (
+            f"[{mark}] {self.name}: max abs {self.max_abs_error:.3g}, max rel {self.max_rel_error:.3g}, "
+            f"tolerance {self.tolerance:.3g}{f' ({self.detail})' if self.detail else ''}"
+        )
+
+
+@dataclass
+class VerifyReport:
+    """All checks of one verification; `passed` only if every check passed."""
+
+    checks: list[Check] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(check.passed for check in self.checks)
+
+    def to_json(self) -> dict:
+        return {
+            "passed": self.passed,
+            "checks": [dataclasses.asdict(check) for check in self.checks],
+            "warnings": self.warnings,
+        }
+
+    def summary(self) -> str:
+        failed = sum(not c.passed for c in self.checks)
+        verdict = "PASSED" if self.passed else f"FAILED ({failed} of {len(self.checks)} checks)"
+        return f"verification {verdict}: {len(self.checks)} checks"
+
+
+def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The unit in the last place of `values` (any float tensor) if they were stored in `dtype`, as float64."""
+    info = torch.finfo(dtype)
+    digits = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24, torch.float64: 53}[dtype]
+    _, exponent = torch.frexp(values.double().abs())
+    smallest = math.ldexp(info.tiny, 1 - digits)  # spacing of subnormals
+    return torch.ldexp(torch.ones_like(values, dtype=torch.float64), exponent - digits).clamp_min(smallest)
+
+
+def verify(
+    base: str | Path,
+    adapters: Sequence[str | Path | VeraAdapter],
+    merged: str | Path,
+    full_model: bool | None = None,
+    options: MergeOptions = MergeOptions(),
+) -> VerifyReport:
+    """Verify a merged checkpoint against the base plus the adapters, unmerged.
+
+    Args:
+        base: The base model directory.
+        adapters: The adapters that were merged, in order.
+        merged: The merged model directory.
+        full_model: Also compare whole-model outputs; None decides by whether both models fit in memory.
+        options: `allow_pickle`, `rounding` and `progress` apply.
+
+    Returns:
+        The report; `report.passed` is the verdict. Inputs that cannot be compared at all raise instead.
+    """
+    loaded = [a if isinstance(a, VeraAdapter) else load_adapter(a, options.allow_pickle) for a in adapters]
+    base, merged = Path(base), Path(merged)
+    base_index, merged_index = ShardedTensorIndex.from_dir(base), ShardedTensorIndex.from_dir(merged)
+    report = VerifyReport()
+    report.checks.append(_check_structure(base_index, merged_index))
+    if not report.checks[0].passed:
+        return report
+    plan = build_plan(loaded, base_index.tensors, options.rounding)
+    report.warnings.extend(plan.warnings)
+    total = sum(base_index.tensors[name].nbytes for name in plan.deltas)
+    with LazyTensorLoader() as loader, progress_bar(total, "verifying layers", options.progress) as advance:
+        for name, deltas in plan.deltas.items():
+            base_weight = loader.load(base_index.tensors[name])
+            merged_weight = loader.load(merged_index.tensors[name])
+            report.checks.append(check_layer(name, base_weight, merged_weight, deltas))
+            advance(base_index.tensors[name].nbytes)
+        for name, tensor in plan.replacements.items():
+            report.checks.append(_check_replacement(name, tensor, loader.load(merged_index.tensors[name])))
+    if full_model is None:
+        full_model = _fits_in_memory(base_index)
+        if not full_model:
+            report.warnings.append("model outputs not compared: two copies of the model do not fit in memory")
+    if full_model:
+        report.checks.extend(check_model_outputs(base, loaded, merged, options))
+    return report
+
+
+@torch.no_grad()
+def check_layer(name: str, base_weight: torch.Tensor, merged_weight: torch.Tensor, deltas: Sequence[LayerDelta]) -> Check:
+    """Compare one merged weight with its base weight plus the adapters' deltas (see the module docstring)."""
+    dtype = compute_dtype(base_weight.dtype)
+    target = deltas[0].target
+    # Work in the nn.Linear layout [out, in] whatever the storage layout.
+    def linear(w: torch.Tensor) -> torch.Tensor:
+        w = w.to(dtype)
+        return w.T if target.fan_in_fan_out else w
+
+    W, W_merged = linear(base_weight), linear(merged_weight)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((PROBES, target.in_features), generator=generator, dtype=torch.float64).to(dtype)
+    expected = x @ W.T
+    rows = torch.linspace(0, target.out_features - 1, min(ROWS, target.out_features)).round().long()
+    exact_rows = W[rows].double()
+    magnitude = torch.zeros_like(exact_rows)  # sum over the delta's terms of |term|, per element
+    for delta in deltas:
+        scaled_B, scaled_A = _linear_factors(delta)
+        expected += (x @ scaled_A.T.to(dtype)) @ scaled_B.T.to(dtype)
+        exact_rows += scaled_B[rows] @ scaled_A
+        magnitude += scaled_B[rows].abs() @ scaled_A.abs()
+    error = (x @ W_merged.T - expected).abs()
+    tolerance = (SIGMAS * ulp(W_merged, merged_weight.dtype).square().sum(dim=1).sqrt()).expand_as(error)
+    worst = (error / tolerance).argmax()
+    probe_ratio = (error / tolerance).flatten()[worst].item()
+
+    # A merge may round the sum once, and may compute the delta in float32 first (PEFT does): allow both.
+    merged_rows = W_merged[rows].double()
+    terms = sum(delta.lambda_d.numel() for delta in deltas)
+    row_tolerance = ulp(merged_rows, merged_weight.dtype) + gamma(terms, torch.float32) * magnitude
+    row_ratio = ((merged_rows - exact_rows).abs() / row_tolerance).max().item()
+
+    max_abs = error.max().item()
+    scale = expected.abs().max().item() or 1.0
+    return Check(
+        name=f"layer {target.module}",
+        max_abs_error=max_abs,
+        max_rel_error=max_abs / scale,
+        tolerance=tolerance.flatten()[worst].item(),
+        passed=probe_ratio <= 1.0 and row_ratio <= 1.0,
+        detail=f"probes at {probe_ratio:.2g} of tolerance, sampled rows at {row_ratio:.2g} of 1 ulp",
+    )
+
+
+def _linear_factors(delta: LayerDelta) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(lambda_b * B_s, lambda_d * A_s)` in float64, shapes (out, r) and (r, in), whatever the storage layout."""
+    left, right = delta.factors()
+    return (right.T, left.T) if delta.target.fan_in_fan_out else (left, right)
+
+
+def _check_structure(base: ShardedTensorIndex, merged: ShardedTensorIndex) -> Check:
+    problems = []
+    for name, info in base.tensors.items():
+        other = merged.tensors.get(name)
+        if other is None:
+            problems.append(f"{name} missing")
+        elif (other.dtype, other.shape) != (info.dtype, info.shape):
+            problems.append(f"{name} is {other.dtype} {list(other.shape)}, base is {info.dtype} {list(info.shape)}")
+    problems += [f"{name} not in the base" for name in merged.tensors.keys() - base.tensors.keys()]
+    return Check(
+        name="tensor names, dtypes and shapes",
+        max_abs_error=0.0,
+        max_rel_error=0.0,
+        tolerance=0.0,
+        passed=not problems,
+        detail="; ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else ""),
+    )
+
+
+def _check_replacement(name: str, trained: torch.Tensor, merged: torch.Tensor) -> Check:
+    expected = trained.to(merged.dtype)
+    error = (merged.double() - expected.double()).abs().max().item() if merged.numel() else 0.0
+    return Check(f"replaced {name}", error, error / (expected.double().abs().max().item() or 1.0), 0.0, error == 0.0)
+
+
+def _fits_in_memory(index: ShardedTensorIndex) -> bool:
+    params = sum(math.prod(info.shape) for info in index.tensors.values())
+    needed = 2 * params * 8  # two models, float64 at worst
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return needed < 0.5 * available
+
+
+def model_inputs(vocab_size: int) -> list[dict[str, torch.Tensor]]:
+    """Fixed inputs of two shapes; the second row of a batch is left-padded, to exercise the attention mask."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for batch, length in INPUT_SHAPES:
+        input_ids = torch.randint(0, vocab_size, (batch, length), generator=generator)
+        attention_mask = torch.ones_like(input_ids)
+        if batch > 1:
+            attention_mask[1, : length // 3] = 0
+        inputs.append({"input_ids": input_ids, "attention_mask": attention_mask})
+    return inputs
+
+
+@torch.no_grad()
+def check_model_outputs(
+    base: Path, adapters: Sequence[VeraAdapter], merged: Path, options: MergeOptions = MergeOptions()
+) -> list[Check]:
+    """Compare the merged model's outputs with the base model plus `VeraLinear` layers on `model_inputs`."""
+    from .layers import apply_vera
+    from .modeling import load_model, model_outputs
+
+    dtype = _storage_dtype(base)
+    compute = compute_dtype(dtype)
+    unmerged = apply_vera(load_model(base, compute), [cast_adapter(a, compute) for a in adapters], options.rounding)
+    inputs = model_inputs(unmerged.config.vocab_size)
+    expected = [model_outputs(unmerged, batch) for batch in inputs]
+    del unmerged
+    merged_model = load_model(merged, compute)
+    checks = []
+    roundoff = 2.0 ** -({torch.bfloat16: 8, torch.float16: 11, torch.float32: 24, torch.float64: 53}[dtype])
+    for batch, reference in zip(inputs, expected):
+        actual = model_outputs(merged_model, batch)
+        for key, want in reference.items():
+            got = actual[key]
+            error = (got - want).abs().max().item()
+            scale = want.abs().max().item() or 1.0
+            tolerance = MODEL_ROUNDOFFS * roundoff * scale
+            shape = "x".join(map(str, batch["input_ids"].shape))
+            checks.append(Check(f"model {key} [{shape}]", error, error / scale, tolerance, error <= tolerance))
+    return checks
+
+
+def _storage_dtype(model_dir: Path) -> torch.dtype:
+    index = ShardedTensorIndex.from_dir(model_dir)
+    floats = [info.dtype for info in index.tensors.values() if info.dtype.is_floating_point]
+    if not floats:
+        raise CheckpointError(f"{model_dir}: holds no floating point weights")
+    return max(set(floats), key=floats.count)
+
+
+def cast_adapter(adapter: VeraAdapter, dtype: torch.dtype) -> VeraAdapter:
+    """A copy of the adapter with lambdas and stored projections in `dtype` (for a reference in that precision)."""
+    layers = {m: VeraLayer(m, l.lambda_b.to(dtype), l.lambda_d.to(dtype)) for m, l in adapter.layers.items()}
+    cast = (lambda t: None if t is None else t.to(dtype))
+    return dataclasses.replace(adapter, layers=layers, vera_A=cast(adapter.vera_A), vera_B=cast(adapter.vera_B))
+
+
+def report_json(report: VerifyReport) -> str:
+    return json.dumps(report.to_json(), indent=2)
