@@ -1,0 +1,124 @@
+"""`vera-export` end to end: exit codes, one-line errors, JSON for CI, nothing left behind on failure."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from vera_export.cli import main
+
+from tests.helpers import adapter_dir, base_dir
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _one_error_line(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_help_shows_examples() -> None:
+    assert "Example" in run("--help").output
+    for command in ("merge", "unmerge", "inspect", "verify"):
+        result = run(command, "--help")
+        assert result.exit_code == 0 and "Example" in result.output and "vera-export " + command in result.output
+
+
+def test_merge_verify_json(fixture_root, tmp_path) -> None:
+    base, adapter = base_dir(fixture_root, "gpt2-attn"), adapter_dir(fixture_root, "gpt2-attn")
+    result = run("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "out", "--verify", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["merge"]["folded"] == 6 and report["verify"]["passed"] is True
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_verify_exit_code_and_json(fixture_root, tmp_path) -> None:
+    base, adapter = base_dir(fixture_root, "llama-qv"), adapter_dir(fixture_root, "llama-qv")
+    result = run("verify", "--base", base, "--adapter", adapter, "--merged", base, "--layers-only", "--json", "--quiet")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["passed"] is False and any(not c["passed"] for c in report["checks"])
+
+
+def test_unmerge_reports_what_it_cannot_restore(fixture_root, tmp_path) -> None:
+    base, adapter = base_dir(fixture_root, "bert-cls"), adapter_dir(fixture_root, "bert-cls")
+    assert run("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "m", "--quiet").exit_code == 0
+    result = run("unmerge", "--merged", tmp_path / "m", "--adapter", adapter, "--output", tmp_path / "u", "--quiet")
+    assert result.exit_code == 0
+    assert "warning:" in result.stderr and "classifier.weight" in result.stderr
+
+
+def test_inspect_text_and_json(fixture_root) -> None:
+    adapter = adapter_dir(fixture_root, "llama-qv")
+    text = run("inspect", adapter)
+    assert text.exit_code == 0 and "r           8" in text.output and "equal to what the key regenerates" in text.output
+    result = run("inspect", adapter, "--base", base_dir(fixture_root, "llama-qv"), "--json")
+    report = json.loads(result.stdout)
+    assert result.exit_code == 0 and report["compatible"] is True
+    assert report["projections"]["regenerated_equal"] is True and len(report["layers"]) == 4
+
+
+def test_inspect_lists_every_incompatibility(fixture_root) -> None:
+    result = run("inspect", adapter_dir(fixture_root, "llama-all-noproj"), "--base", base_dir(fixture_root, "gpt2-attn"), "--json")
+    report = json.loads(result.stdout)
+    assert result.exit_code == 1 and report["compatible"] is False
+    assert len(report["problems"]) == 14  # every targeted layer of the Llama adapter, at once
+
+
+@pytest.mark.parametrize(
+    "make_args, fragments",
+    [
+        (lambda root, tmp: ["merge", "--base", tmp / "nope", "--adapter", adapter_dir(root, "llama-qv"), "--output", tmp / "o"], ["nope"]),
+        (lambda root, tmp: ["merge", "--base", base_dir(root, "llama-qv"), "--adapter", tmp / "nope", "--output", tmp / "o"], ["nope"]),
+        (lambda root, tmp: ["merge", "--base", base_dir(root, "gpt2-attn"), "--adapter", adapter_dir(root, "llama-qv"), "--output", tmp / "o"],
+         ["does not fit", "q_proj"]),
+        (lambda root, tmp: ["merge", "--base", base_dir(root, "llama-qv"), "--adapter", adapter_dir(root, "llama-qv"), "--output", base_dir(root, "llama-qv") / "sub"],
+         ["overlaps"]),
+    ],
+    ids=["missing base", "missing adapter", "adapter for another model", "output inside base"],
+)
+def test_bad_input_is_one_line_exit_2_and_no_output(fixture_root, tmp_path, make_args, fragments) -> None:
+    args = make_args(fixture_root, tmp_path)
+    _one_error_line(run(*args), *fragments)
+    assert not (tmp_path / "o").exists()
+    assert not any(p.name.startswith(".o.") for p in tmp_path.iterdir())
+
+
+def test_lora_adapter_is_refused(fixture_root, tmp_path) -> None:
+    lora = tmp_path / "lora"
+    shutil.copytree(adapter_dir(fixture_root, "llama-qv"), lora)
+    config = json.loads((lora / "adapter_config.json").read_text())
+    (lora / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
+    result = run("merge", "--base", base_dir(fixture_root, "llama-qv"), "--adapter", lora, "--output", tmp_path / "o")
+    _one_error_line(result, "LORA", "VERA")
+
+
+def test_existing_output_needs_force(fixture_root, tmp_path) -> None:
+    base, adapter = base_dir(fixture_root, "llama-qv"), adapter_dir(fixture_root, "llama-qv")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("mine")
+    _one_error_line(run("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "o", "--quiet"), "--force")
+    assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
+    assert run("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "o", "--quiet", "--force").exit_code == 0
+    assert not (tmp_path / "o" / "keep.txt").exists() and (tmp_path / "o" / "model.safetensors").is_file()
+
+
+def test_console_script_runs(fixture_root, tmp_path) -> None:
+    """The installed entry point, in a real process: an error is one line without traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "vera_export", "inspect", str(tmp_path / "missing")], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "missing" in result.stderr and "Traceback" not in result.stderr

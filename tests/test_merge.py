@@ -1,0 +1,165 @@
+"""Streaming merge and unmerge of whole checkpoints, checked against PEFT and against exact arithmetic."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from fractions import Fraction
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from vera_export import MergeOptions, load_adapter, merge, merge_into, unmerge
+from vera_export.plan import build_plan
+from vera_export.safetensors_io import ShardedTensorIndex
+from vera_export.verify import ulp
+
+from tests.helpers import ALL_ADAPTERS, adapter_dir, base_dir, load_base, load_peft, outputs, sample_inputs
+
+QUIET = MergeOptions(progress=False)
+
+
+def _tensors(model_dir) -> dict[str, torch.Tensor]:
+    index = ShardedTensorIndex.from_dir(model_dir)
+    tensors = {}
+    for shard in index.shards:
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def _exact_merged(base: dict[str, torch.Tensor], plan) -> dict[str, torch.Tensor]:
+    """Float64 `W + sum(delta_W)` of every folded weight (the factors are exact in float64)."""
+    exact = {}
+    for name, deltas in plan.deltas.items():
+        value = base[name].double()
+        for delta in deltas:
+            left, right = delta.factors()
+            value = value + left @ right
+        exact[name] = value
+    return exact
+
+
+@pytest.mark.parametrize("name", ALL_ADAPTERS)
+def test_merge_layout_and_one_ulp_rule(fixture_root, tmp_path, name: str) -> None:
+    base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
+    report = merge(base, [adapter], tmp_path / "out", QUIET)
+    out = tmp_path / "out"
+    base_index, out_index = ShardedTensorIndex.from_dir(base), ShardedTensorIndex.from_dir(out)
+    # Same shard split, tensor order, dtypes and shapes; the format metadata transformers expects.
+    assert [s.name for s in out_index.shards] == [s.name for s in base_index.shards]
+    for shard in base_index.shards:
+        assert [(i.name, i.dtype, i.shape) for i in out_index.shard_tensors(shard.name)] == [
+            (i.name, i.dtype, i.shape) for i in base_index.shard_tensors(shard)
+        ]
+        with safe_open(out / shard.name, "pt") as f:
+            assert f.metadata()["format"] == "pt"
+    if base_index.is_sharded:
+        assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"] == base_index.weight_map
+    assert {p.name for p in base.iterdir()} == {p.name for p in out.iterdir()}
+
+    loaded = load_adapter(adapter)
+    plan = build_plan([loaded], base_index.tensors)
+    before, after = _tensors(base), _tensors(out)
+    exact = _exact_merged(before, plan)
+    assert sorted(report.folded) == sorted(plan.deltas) and sorted(report.replaced) == sorted(plan.replacements)
+    for key, value in after.items():
+        if key in exact:
+            error = (value.double() - exact[key]).abs()
+            assert (error <= ulp(exact[key], value.dtype)).all(), key
+            assert not torch.equal(value, before[key]), key
+        elif key in plan.replacements:
+            assert torch.equal(value, plan.replacements[key].to(value.dtype)), key
+        else:
+            assert torch.equal(value, before[key]), key  # untouched tensors are copied byte for byte
+
+
+@pytest.mark.parametrize("name", ALL_ADAPTERS)
+def test_merged_checkpoint_reproduces_peft(fixture_root, tmp_path, name: str) -> None:
+    """The merged checkpoint loads with transformers and matches PEFT's unmerged and merged models."""
+    base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
+    merge(base, [adapter], tmp_path / "out", QUIET)
+    merged = load_base(tmp_path / "out")
+    peft_model = load_peft(base, [adapter])
+    inputs = sample_inputs(merged.config.vocab_size)
+    dtype = next(merged.parameters()).dtype
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    expected = outputs(peft_model, inputs)
+    torch.testing.assert_close(outputs(merged, inputs).float(), expected.float(), rtol=tolerance, atol=tolerance)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_merged = peft_model.merge_and_unload()
+    ours, before = _tensors(tmp_path / "out"), _tensors(base)
+    for key, value in peft_merged.state_dict().items():
+        if key in ours and ours[key].is_floating_point():
+            # Each element agrees with PEFT's merge up to the rounding PEFT adds: a few roundoffs of the delta.
+            eps = torch.finfo(value.dtype).eps
+            delta = (ours[key].double() - before[key].double()).abs().max().item()
+            torch.testing.assert_close(ours[key].double(), value.double(), rtol=2 * eps, atol=4 * eps * delta)
+
+
+def test_two_adapters_fold_in_order_with_one_rounding(fixture_root, tmp_path) -> None:
+    names = ["llama-qv", "llama-qkv-b"]
+    base = base_dir(fixture_root, names[0])
+    adapters = [adapter_dir(fixture_root, n) for n in names]
+    merge(base, adapters, tmp_path / "out", QUIET)
+    plan = build_plan([load_adapter(a) for a in adapters], ShardedTensorIndex.from_dir(base).tensors)
+    assert max(len(d) for d in plan.deltas.values()) == 2
+    before, after = _tensors(base), _tensors(tmp_path / "out")
+    for key, value in _exact_merged(before, plan).items():
+        assert ((after[key].double() - value).abs() <= ulp(value, after[key].dtype)).all(), key
+    merged, peft_model = load_base(tmp_path / "out"), load_peft(base, adapters)
+    inputs = sample_inputs(merged.config.vocab_size)
+    torch.testing.assert_close(outputs(merged, inputs), outputs(peft_model, inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama-qv", "llama-bf16-all", "gpt2-attn", "bert-cls", "llama-fp16-qv"])
+def test_unmerge_round_trip(fixture_root, tmp_path, name: str) -> None:
+    base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
+    merge(base, [adapter], tmp_path / "merged", QUIET)
+    report = unmerge(tmp_path / "merged", [adapter], tmp_path / "restored", QUIET)
+    before, merged, restored = _tensors(base), _tensors(tmp_path / "merged"), _tensors(tmp_path / "restored")
+    replaced = set(load_adapter(adapter).replacements)
+    assert bool(replaced) == any("cannot be recovered" in w for w in report.warnings)
+    for key, value in before.items():
+        if key in replaced:
+            assert torch.equal(restored[key], merged[key])  # kept as merged, and said so
+            continue
+        bound = ulp(merged[key], value.dtype) + ulp(value, value.dtype)
+        assert ((restored[key].double() - value.double()).abs() <= bound).all(), key
+
+
+def test_near_cancellation_ours_within_one_ulp_peft_thousands(fixture_root) -> None:
+    """On a float32 layer whose weights nearly cancel the delta, PEFT's merge misses by thousands of ulp."""
+    name = "llama-qv"
+    base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
+    model = load_base(base)
+    plan = build_plan([load_adapter(adapter)], model.state_dict())
+    key = "model.layers.0.self_attn.q_proj.weight"
+    left, right = plan.deltas[key][0].factors()
+    delta = left @ right
+    with torch.no_grad():
+        weight = model.get_parameter(key)
+        mask = torch.rand(weight.shape, generator=torch.Generator().manual_seed(0)) < 0.2
+        weight[mask] = (-delta).float()[mask]  # W + delta_W cancels to the rounding error of delta_W
+    base_weight = weight.detach().clone()
+    ours = merge_into(model, [adapter]).get_parameter(key).detach()
+
+    peft_model = load_peft(base, [adapter])
+    with torch.no_grad():
+        peft_model.get_base_model().get_parameter(key).copy_(base_weight)
+        theirs = peft_model.merge_and_unload().get_parameter(key).detach()
+
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    lf = [[Fraction(v) for v in row] for row in left.tolist()]
+    rf = [[Fraction(v) for v in row] for row in right.T.tolist()]
+    exact = torch.tensor(
+        [float(Fraction(float(base_weight[i, j])) + sum(a * b for a, b in zip(lf[i], rf[j]))) for i, j in zip(rows.tolist(), cols.tolist())],
+        dtype=torch.float64,
+    )
+    spacing = ulp(exact, torch.float32)
+    ours_ulps = ((ours[rows, cols].double() - exact).abs() / spacing).max().item()
+    theirs_ulps = ((theirs[rows, cols].double() - exact).abs() / spacing).max().item()
+    assert ours_ulps <= 1.0
+    assert theirs_ulps > 1000

@@ -1,0 +1,84 @@
+"""The verification gate passes good merges (ours and PEFT's) and catches broken ones."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vera_export import MergeOptions, merge, verify
+from vera_export.verify import ulp
+
+from tests.helpers import adapter_dir, base_dir, load_peft
+
+QUIET = MergeOptions(progress=False)
+
+
+@pytest.mark.parametrize("name", ["llama-qv", "llama-bf16-all", "gpt2-attn", "bert-cls", "llama-fp16-qv"])
+def test_verify_passes_our_merge(fixture_root, tmp_path, name: str) -> None:
+    base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
+    merge(base, [adapter], tmp_path / "out", QUIET)
+    report = verify(base, [adapter], tmp_path / "out", full_model=True, options=QUIET)
+    assert report.passed, [c.line() for c in report.checks if not c.passed]
+    names = [c.name for c in report.checks]
+    assert any(n.startswith("layer ") for n in names) and any(n.startswith("model ") for n in names)
+    assert report.to_json()["passed"] is True
+
+
+def test_verify_passes_peft_merge(fixture_root, tmp_path) -> None:
+    """A checkpoint merged and saved by PEFT + transformers passes too: the gate is about correctness."""
+    name = "llama-qv"
+    base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_peft(base, [adapter]).merge_and_unload().save_pretrained(tmp_path / "peft")
+    assert verify(base, [adapter], tmp_path / "peft", full_model=True, options=QUIET).passed
+
+
+def _corrupt(path, key, change) -> None:
+    tensors = load_file(path)
+    tensors[key] = change(tensors[key])
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda w: w + 4 * ulp(w, w.dtype).to(w.dtype), id="every element 4 ulp off"),
+        pytest.param(lambda w: torch.cat([w[:, :1] * 1.01, w[:, 1:]], dim=1), id="one input column 1% off"),
+        pytest.param(lambda w: w.T.contiguous(), id="transposed square weight"),
+    ],
+)
+def test_verify_catches_a_broken_layer(fixture_root, tmp_path, change) -> None:
+    name = "llama-qv"
+    base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
+    merge(base, [adapter], tmp_path / "out", QUIET)
+    _corrupt(tmp_path / "out" / "model.safetensors", "model.layers.1.self_attn.q_proj.weight", change)
+    report = verify(base, [adapter], tmp_path / "out", full_model=False, options=QUIET)
+    failed = [c.name for c in report.checks if not c.passed]
+    assert failed == ["layer model.layers.1.self_attn.q_proj"]
+
+
+def test_verify_catches_a_missing_adapter(fixture_root, tmp_path) -> None:
+    """The base itself, offered as the merge of an adapter, fails every layer and the model outputs."""
+    name = "llama-bf16-all"
+    base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
+    report = verify(base, [adapter], base, full_model=True, options=QUIET)
+    assert not report.passed
+    assert all(not c.passed for c in report.checks if c.name.startswith(("layer", "model")))
+
+
+def test_verify_catches_wrong_replaced_tensor_and_structure(fixture_root, tmp_path) -> None:
+    name = "bert-cls"
+    base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
+    merge(base, [adapter], tmp_path / "out", QUIET)
+    shutil.copytree(tmp_path / "out", tmp_path / "bad")
+    _corrupt(tmp_path / "bad" / "model.safetensors", "classifier.weight", lambda w: w * 0)
+    report = verify(base, [adapter], tmp_path / "bad", full_model=False, options=QUIET)
+    assert [c.name for c in report.checks if not c.passed] == ["replaced classifier.weight"]
+    _corrupt(tmp_path / "bad" / "model.safetensors", "classifier.bias", lambda b: b.half())
+    report = verify(base, [adapter], tmp_path / "bad", full_model=False, options=QUIET)
+    assert not report.passed and "classifier.bias" in report.checks[0].detail
