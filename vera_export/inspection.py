@@ -99,28 +99,33 @@ def inspect(adapter: str | Path | VeraAdapter, base: str | Path | None = None, a
 def _stored_projections(adapter: VeraAdapter) -> dict:
     if adapter.vera_A is None:
         return {"source": "regenerated", "summary": f"regenerated from projection_prng_key {adapter.config.projection_prng_key}"}
-    max_in, max_out = adapter.vera_A.shape[1], adapter.vera_B.shape[0]
-    matches = [
-        rounding.value
-        for rounding in Rounding
-        if _equal((adapter.vera_A, adapter.vera_B), generate_projections(adapter.config.projection_prng_key, adapter.config.r, max_in, max_out, rounding))
-    ]
-    if matches:
-        verdict = f"equal to what the key regenerates ({matches[0]} rounding)"
+    match = _regeneration_match(adapter)
+    if match:
+        verdict = f"equal to what the key regenerates ({match})"
     else:
         verdict = "differ from what the key regenerates: keep them stored (do not set save_projection to false)"
     return {
         "source": "stored",
         "vera_A": list(adapter.vera_A.shape),
         "vera_B": list(adapter.vera_B.shape),
-        "regenerated_equal": bool(matches),
-        "rounding": matches[0] if matches else None,
+        "regenerated_equal": bool(match),
+        "regenerated_as": match,
         "summary": f"stored, vera_A {list(adapter.vera_A.shape)}, vera_B {list(adapter.vera_B.shape)}; {verdict}",
     }
 
 
-def _equal(stored: tuple[torch.Tensor, torch.Tensor], regenerated: tuple[torch.Tensor, torch.Tensor]) -> bool:
-    return all(torch.equal(s.float(), r) for s, r in zip(stored, regenerated))
+def _regeneration_match(adapter: VeraAdapter) -> str | None:
+    """How the key reproduces the stored projections, if it does: CPU rounding, and PEFT's cast to a 16-bit model."""
+    config = adapter.config
+    stored = (adapter.vera_A.float(), adapter.vera_B.float())
+    for rounding in Rounding:
+        regenerated = generate_projections(config.projection_prng_key, config.r, stored[0].shape[1], stored[1].shape[0], rounding)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            candidate = [t.to(dtype).float() for t in regenerated]
+            if all(torch.equal(s, c) for s, c in zip(stored, candidate)):
+                cast = "" if dtype == torch.float32 else f", rounded to {str(dtype).removeprefix('torch.')} as on a 16-bit model"
+                return f"{rounding.value} rounding{cast}"
+    return None
 
 
 def _against_base(report: InspectReport, adapter: VeraAdapter, base: Path) -> None:

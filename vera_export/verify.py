@@ -181,7 +181,7 @@ def check_layer(name: str, base_weight: torch.Tensor, merged_weight: torch.Tenso
         max_rel_error=max_abs / scale,
         tolerance=tolerance.flatten()[worst].item(),
         passed=probe_ratio <= 1.0 and row_ratio <= 1.0,
-        detail=f"probes at {probe_ratio:.2g} of tolerance, sampled rows at {row_ratio:.2g} of 1 ulp",
+        detail=f"probes at {probe_ratio:.2g} of their tolerance, sampled rows at {row_ratio:.2g} of theirs",
     )
 
 

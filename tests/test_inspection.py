@@ -1,0 +1,45 @@
+"""`inspect` says where projections come from and whether the key reproduces stored ones."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from vera_export import Rounding, generate_projections, inspect
+
+from tests.helpers import adapter_dir, base_dir
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [("llama-qv", "fma rounding"), ("llama-fp16-qv", "fma rounding, rounded to float16 as on a 16-bit model")],
+)
+def test_stored_projections_are_matched_to_their_key(fixture_root, name: str, expected: str) -> None:
+    report = inspect(adapter_dir(fixture_root, name))
+    assert report.projections["source"] == "stored"
+    assert report.projections["regenerated_as"] == expected
+
+
+def test_projections_from_an_old_cpu_and_tampered_ones(fixture_root, tmp_path) -> None:
+    adapter = tmp_path / "adapter"
+    shutil.copytree(adapter_dir(fixture_root, "llama-qv"), adapter)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    r, max_in = tensors["base_model.vera_A"].shape
+    vera_A, vera_B = generate_projections(0, r, max_in, tensors["base_model.vera_B"].shape[0], Rounding.SEPARATE)
+    save_file({**tensors, "base_model.vera_A": vera_A, "base_model.vera_B": vera_B}, adapter / "adapter_model.safetensors")
+    assert inspect(adapter).projections["regenerated_as"] == "separate rounding"
+
+    save_file({**tensors, "base_model.vera_A": vera_A * 1.5}, adapter / "adapter_model.safetensors")
+    report = inspect(adapter)
+    assert report.projections["regenerated_equal"] is False and "keep them stored" in report.text()
+
+
+def test_regenerated_projection_shapes_with_base(fixture_root) -> None:
+    name = "llama-all-noproj"
+    report = inspect(adapter_dir(fixture_root, name), base=base_dir(fixture_root, name))
+    assert report.compatible and report.projections["source"] == "regenerated"
+    # all-linear on hidden 64 / intermediate 96: max_in = 96 (down_proj), max_out = 96 (gate/up_proj).
+    assert report.projections["vera_A"] == [16, 96] and report.projections["vera_B"] == [96, 16]
+    assert all("weight_shape" in layer for layer in report.layers)
