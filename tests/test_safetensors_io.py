@@ -219,13 +219,14 @@ def test_writer_rejects_out_of_order_and_mismatched_tensors(tmp_path):
         w.write("b", torch.zeros(1, 3, dtype=torch.bfloat16))
 
 
-def test_writer_fsyncs_on_close(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fsync", [True, False])
+def test_writer_fsyncs_on_close_when_asked(tmp_path, monkeypatch, fsync):
     synced = []
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd).st_size))
-    with SafetensorsWriter(tmp_path / "o.safetensors", [("a", torch.float32, (3,))]) as w:
+    with SafetensorsWriter(tmp_path / "o.safetensors", [("a", torch.float32, (3,))], fsync=fsync) as w:
         w.write("a", torch.ones(3))
         assert synced == []
-    assert synced == [(tmp_path / "o.safetensors").stat().st_size]
+    assert synced == ([(tmp_path / "o.safetensors").stat().st_size] if fsync else [])
 
 
 def test_writer_rejects_writes_past_the_last_entry(tmp_path):

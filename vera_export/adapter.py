@@ -11,6 +11,7 @@ The checkpoint layout (PEFT's `get_peft_model_state_dict` for VeRA, adapter name
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,7 @@ class VeraConfig:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise AdapterError(f"{path.parent}: no {CONFIG_NAME}; point --adapter at a PEFT adapter directory") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise AdapterError(f"{path}: not a readable JSON file ({exc}); re-save the adapter with PEFT") from None
         if not isinstance(raw, dict):
             raise AdapterError(f"{path}: expected a JSON object, found {type(raw).__name__}")
@@ -64,7 +65,7 @@ class VeraConfig:
                 f"{path}: peft_type is {peft_type!r}, expected 'VERA'; vera-export only handles VeRA adapters"
             )
         fields = _ConfigFields(path, raw)
-        return cls(
+        config = cls(
             r=fields.positive_int("r", 256),
             target_modules=fields.target_modules(),
             projection_prng_key=fields.int("projection_prng_key", 0),
@@ -77,6 +78,16 @@ class VeraConfig:
             task_type=fields.optional_str("task_type"),
             base_model_name_or_path=fields.optional_str("base_model_name_or_path"),
         )
+        # PEFT matches these as regular expressions; a malformed one must fail here, not mid-merge.
+        patterns = [("target_modules", config.target_modules)] if isinstance(config.target_modules, str) else []
+        patterns += [("modules_to_save", rf"(^|.*\.){m}($|\..*)") for m in config.modules_to_save]
+        patterns += [("layers_pattern", rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.") for p in config.layers_pattern or ()]
+        for key, pattern in patterns:
+            try:
+                re.compile(pattern)
+            except (re.error, RecursionError, OverflowError) as exc:
+                raise AdapterError(f"{path}: field {key!r} is not a valid regular expression ({exc})") from None
+        return config
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -20,11 +21,21 @@ EXIT_FAILED = 1  # verification ran and failed
 EXIT_ERROR = 2  # bad input: one line on stderr, no traceback
 
 
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP: unwinds like KeyboardInterrupt, so staged outputs are removed on the way out."""
+
+
+def _terminate(signum: int, frame) -> None:
+    raise _Terminated(signum)
+
+
 class _Group(click.Group):
     """Turns expected errors into one line on stderr and exit code 2; `--debug` keeps the traceback."""
 
     def invoke(self, ctx: click.Context):
         debug = ctx.params.get("debug", False)
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _terminate)
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = _show_warning
@@ -35,6 +46,10 @@ class _Group(click.Group):
                     raise
                 click.echo(f"error: {exc}", err=True)
                 ctx.exit(EXIT_ERROR)
+            except _Terminated as exc:
+                name = signal.Signals(exc.args[0]).name
+                click.echo(f"error: stopped by {name}; no output was left under the requested name", err=True)
+                ctx.exit(128 + exc.args[0])
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -68,6 +83,7 @@ def _write_options(f):
     for option in (
         click.option("--device", default="cpu", show_default=True, help="Where the fold runs, e.g. cuda."),
         click.option("--force", is_flag=True, help="Replace a non-empty output directory once the new one is complete."),
+        click.option("--fsync", is_flag=True, help="Wait until the output is on disk before putting it in place."),
         _allow_pickle,
         _rounding,
         _quiet,
@@ -95,14 +111,16 @@ def main(debug: bool) -> None:
 @click.option("--output", required=True, type=_path, help="Directory for the merged checkpoint.")
 @click.option("--verify/--no-verify", "run_verify", default=False, help="Verify the merged checkpoint afterwards.")
 @_write_options
-def merge_command(base, adapters, output, run_verify, device, force, allow_pickle, rounding, quiet, as_json):
+def merge_command(base, adapters, output, run_verify, device, force, fsync, allow_pickle, rounding, quiet, as_json):
     """Fold VeRA adapters into a base checkpoint, correctly rounded, streaming shard by shard.
 
     \b
     Example:
       vera-export merge --base ./llama --adapter ./my-vera --output ./llama-merged --verify
     """
-    options = MergeOptions(device=device, force=force, allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=not quiet)
+    options = MergeOptions(
+        device=device, force=force, fsync=fsync, allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=not quiet
+    )
     report = merge(base, adapters, output, options)
     _warn(report.warnings)
     result = {"merge": report.to_json()}
@@ -126,7 +144,7 @@ def merge_command(base, adapters, output, run_verify, device, force, allow_pickl
 @_adapters
 @click.option("--output", required=True, type=_path, help="Directory for the restored base checkpoint.")
 @_write_options
-def unmerge_command(merged, adapters, output, device, force, allow_pickle, rounding, quiet, as_json):
+def unmerge_command(merged, adapters, output, device, force, fsync, allow_pickle, rounding, quiet, as_json):
     """Subtract VeRA adapters from a merged checkpoint.
 
     Trained biases and modules_to_save that the merge replaced cannot be restored and are reported.
@@ -135,7 +153,9 @@ def unmerge_command(merged, adapters, output, device, force, allow_pickle, round
     Example:
       vera-export unmerge --merged ./llama-merged --adapter ./my-vera --output ./llama-restored
     """
-    options = MergeOptions(device=device, force=force, allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=not quiet)
+    options = MergeOptions(
+        device=device, force=force, fsync=fsync, allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=not quiet
+    )
     report = unmerge(merged, adapters, output, options)
     _warn(report.warnings)
     if as_json:

@@ -105,6 +105,9 @@ def fold(
 
     Returns:
         `out`.
+
+    Raises:
+        FloatingPointError: The sum overflows the weight's dtype (or is NaN) where the weight itself is finite.
     """
     if out is None:
         out = torch.empty_like(weight)
@@ -143,6 +146,10 @@ class _CancellationGuard:
         k = left.shape[1]
         u = torch.finfo(dtype).eps / 2
         self.margin = 2.0 ** -(_SIGNIFICAND_BITS[out_dtype] + 2)
+        self.out_dtype = out_dtype
+        # Sums at least this large round to infinity in the output dtype.
+        info = torch.finfo(out_dtype)
+        self.overflow = info.max + info.eps * 2.0 ** (math.floor(math.log2(info.max)) - 1)
         # 1 + 2**-10 on top: the test itself is computed in the compute dtype.
         self.scale = gamma(k + 3, dtype) / (self.margin - u) * (1 + 2.0**-10)
         self.gamma64 = gamma(k + 2, torch.float64)
@@ -156,6 +163,8 @@ class _CancellationGuard:
     def repair(self, block: torch.Tensor, weight: torch.Tensor, start: int, scratch: torch.Tensor) -> None:
         rows = slice(start, start + block.shape[0])
         torch.abs(block, out=scratch)
+        if not scratch.amax() < self.overflow and torch.isfinite(weight).all():  # NaN fails the test too
+            raise FloatingPointError(f"overflows {self.out_dtype} (or gives NaN) in rows {rows.start}-{rows.stop - 1}")
         scratch.addr_(self.row_norms_c[rows], self.col_norms_c, alpha=-self.scale)
         if block.numel() == 0:
             return

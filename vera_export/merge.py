@@ -1,8 +1,9 @@
 """Streaming merge and unmerge of whole checkpoints, shard by shard and tensor by tensor.
 
-Peak memory is one weight, its factors and a block buffer: a model of any size merges on a small machine. Each
-output shard has the same tensors, order, dtypes and shapes as its input shard; untouched tensors are copied byte
-for byte, and every other file of the model directory travels along.
+Peak memory is a few weights, their factors and two block buffers: a model of any size merges on a small
+machine. The next weight is read and the previous one written while the current one folds. Each output shard has
+the same tensors, order, dtypes and shapes as its input shard; untouched tensors are copied byte for byte, and
+every other file of the model directory travels along.
 """
 
 from __future__ import annotations
@@ -20,9 +21,17 @@ from .errors import CheckpointError
 from .fold import fold, stack_factors
 from .options import MergeOptions
 from .outputs import staged_output
-from .plan import Plan, build_plan
+from .plan import LayerDelta, build_plan
 from .progress import progress_bar
-from .safetensors_io import INDEX_NAME, LazyTensorLoader, SafetensorsWriter, ShardedTensorIndex, write_index
+from .safetensors_io import (
+    INDEX_NAME,
+    LazyTensorLoader,
+    SafetensorsWriter,
+    ShardedTensorIndex,
+    TensorInfo,
+    write_index,
+)
+from .streams import BackgroundSink, prefetch
 
 # Weight files of other formats hold the unmerged weights; copying them would ship a stale model next to the merged one.
 _STALE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data")
@@ -104,63 +113,122 @@ def _rewrite(source: Path, adapters: list[VeraAdapter], output: Path, alpha: flo
             f"{len(plan.replacements)} tensors were replaced by the merge (trained biases, modules_to_save) and cannot "
             f"be recovered from the merged checkpoint; they are kept as merged: {', '.join(sorted(plan.replacements))}"
         )
-    device = torch.device(options.device)
-    total = sum(info.nbytes for info in index.tensors.values())
+    replacements = plan.replacements if alpha > 0 else {}
     label = "merging" if alpha > 0 else "unmerging"
-    with staged_output(output, [source, *(a.path for a in adapters)], options.force) as staging:
-        with LazyTensorLoader(index) as loader, progress_bar(total, label, options.progress) as advance:
-            for shard in index.shards:
-                _rewrite_shard(index, shard, loader, plan, staging, alpha, device, options.block_rows, report, advance)
+    total = sum(info.nbytes for info in index.tensors.values())
+    with staged_output(output, [source, *(a.path for a in adapters)], options.force, options.fsync) as staging:
+        with progress_bar(total, label, options.progress) as advance:
+            rewrite_tensors(
+                index, plan.deltas, replacements, staging, alpha, torch.device(options.device), options.block_rows,
+                options.fsync, options.overlap, report, advance,
+            )
         if index.is_sharded:
-            write_index(staging / INDEX_NAME, index.weight_map, index.index_metadata or {})
+            write_index(staging / INDEX_NAME, index.weight_map, index.index_metadata or {}, options.fsync)
         report.warnings.extend(_copy_side_files(source, staging))
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _rewrite_shard(
+@dataclass
+class _Item:
+    """One output tensor on its way through read -> fold -> write."""
+
+    shard: Path
+    info: TensorInfo
+    tensor: torch.Tensor | None = None  # None: copy the source bytes unchanged
+    folded: bool = False
+
+
+def rewrite_tensors(
     index: ShardedTensorIndex,
-    shard: Path,
-    loader: LazyTensorLoader,
-    plan: Plan,
+    deltas: dict[str, list[LayerDelta]],
+    replacements: dict[str, torch.Tensor],
     staging: Path,
     alpha: float,
     device: torch.device,
     block_rows: int,
+    fsync: bool,
+    overlap: bool,
     report: MergeReport,
     advance: Callable[[int], None],
 ) -> None:
-    infos = index.shard_tensors(shard)
-    metadata = {**index.metadata(shard), "format": "pt"}
-    entries = [(info.name, info.dtype, info.shape) for info in infos]
-    with SafetensorsWriter(staging / shard.name, entries, metadata) as writer:
-        for info in infos:
-            deltas = plan.deltas.get(info.name)
-            if deltas is not None:
-                weight = loader.load(info)
-                left, right = stack_factors([delta.factors(device) for delta in deltas])
-                fold(weight.to(device), left, right, alpha=alpha, out=weight, block_rows=block_rows)
-                _check_finite(weight, info.name, loader, info)
-                writer.write(info.name, weight)
-                report.folded.append(info.name)
-            elif info.name in plan.replacements and alpha > 0:
-                writer.write(info.name, plan.replacements[info.name].to(info.dtype).contiguous())
-                report.replaced.append(info.name)
-            else:
-                writer.copy_from(info.name, info)
-                report.copied += 1
-            report.bytes_written += info.nbytes
-            advance(info.nbytes)
+    """Write every shard of `index` into `staging`, folding `deltas` (scaled by alpha) and swapping in `replacements`.
+
+    With `overlap`, the next weight is read and the previous one written while the current one folds.
+    """
+
+    def read(shard: Path, info: TensorInfo) -> _Item:
+        if info.name in deltas:
+            return _Item(shard, info, loader.load(info), folded=True)
+        if info.name in replacements:
+            return _Item(shard, info, replacements[info.name].to(info.dtype).contiguous())
+        return _Item(shard, info)
+
+    def fold_item(item: _Item) -> _Item:
+        name = item.info.name
+        if item.folded:
+            left, right = stack_factors([delta.factors(device) for delta in deltas[name]])
+            try:
+                fold(item.tensor.to(device), left, right, alpha=alpha, out=item.tensor, block_rows=block_rows)
+            except FloatingPointError as exc:
+                raise CheckpointError(f"{name}: the merge {exc}; check the adapter's lambdas") from None
+        return item
+
+    with LazyTensorLoader(index) as loader, _ShardWriter(index, staging, fsync, report, advance) as writer:
+        items = (read(shard, info) for shard in index.shards for info in index.shard_tensors(shard))
+        if not overlap:
+            for item in items:
+                writer.write(fold_item(item))
+            return
+        with BackgroundSink(writer.write) as sink:
+            for item in prefetch(items):
+                sink.put(fold_item(item))
 
 
-def _check_finite(result: torch.Tensor, name: str, loader: LazyTensorLoader, info) -> None:
-    if torch.isfinite(result).all():
-        return
-    if not torch.isfinite(loader.load(info)).all():
-        return  # the input already held NaN or Inf; the fold did not make it worse
-    raise CheckpointError(
-        f"{name}: the merge produced NaN or Inf (the delta overflows {result.dtype}); check the adapter's lambdas"
-    )
+class _ShardWriter:
+    """Writes items into the shard files in order; each shard's file is started when its turn comes."""
+
+    def __init__(
+        self, index: ShardedTensorIndex, staging: Path, fsync: bool, report: MergeReport, advance: Callable[[int], None]
+    ) -> None:
+        self.index, self.staging, self.fsync, self.report, self.advance = index, staging, fsync, report, advance
+        self.pending = list(index.shards)
+        self.shard: Path | None = None
+        self.writer: SafetensorsWriter | None = None
+
+    def write(self, item: _Item) -> None:
+        while item.shard != self.shard:
+            self._next_shard()
+        name = item.info.name
+        if item.tensor is None:
+            self.writer.copy_from(name, item.info)
+            self.report.copied += 1
+        else:
+            self.writer.write(name, item.tensor)
+            (self.report.folded if item.folded else self.report.replaced).append(name)
+        self.report.bytes_written += item.info.nbytes
+        self.advance(item.info.nbytes)
+
+    def _next_shard(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        shard = self.pending.pop(0)
+        entries = [(info.name, info.dtype, info.shape) for info in self.index.shard_tensors(shard)]
+        metadata = {**self.index.metadata(shard), "format": "pt"}
+        self.shard, self.writer = shard, SafetensorsWriter(self.staging / shard.name, entries, metadata, self.fsync)
+
+    def __enter__(self) -> _ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            if self.writer is not None:
+                self.writer.__exit__(exc_type, exc, tb)
+            return
+        while self.pending:  # shards without tensors still get their (empty) file
+            self._next_shard()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _copy_side_files(source: Path, staging: Path) -> list[str]:

@@ -18,6 +18,9 @@ class MergeOptions:
         allow_pickle: Read `adapter_model.bin` with `torch.load(weights_only=True)` when there is no safetensors.
         rounding: Which CPU kernel's float rounding to reproduce when regenerating projections.
         progress: Show a progress bar on stderr.
+        fsync: Wait until the output is on disk before putting it in place, so it also survives a power loss
+            (costs the disk's write time; without it the output survives any crash of the process itself).
+        overlap: Read the next tensor and write the previous one while the current one folds.
     """
 
     device: str = "cpu"
@@ -26,3 +29,5 @@ class MergeOptions:
     allow_pickle: bool = False
     rounding: Rounding = Rounding.FMA
     progress: bool = True
+    fsync: bool = False
+    overlap: bool = True

@@ -1,23 +1,34 @@
 """Write an output directory all at once or not at all.
 
-Everything is written into a hidden sibling directory and renamed into place at the end, so a crash, a kill or a
-full disk never leaves a partial checkpoint under the requested name, and the inputs are never written to.
+Everything is written into a hidden sibling directory and renamed into place at the end, so an error, a full disk
+or a kill (SIGKILL included) never leaves a partial result under the requested name, and the inputs are never
+written to. With `force`, an existing output is swapped for the new one in a single atomic step where the
+platform allows it (Linux `renameat2(RENAME_EXCHANGE)`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import OutputError, VeraExportWarning
+
+_STAGING_INFIX = ".tmp-"
 
 
 def check_output(output: Path, inputs: Sequence[Path], force: bool) -> None:
-    """Refuse an output that is, holds or lies inside an input, or that exists and is not empty (unless force)."""
+    """Refuse an output that is, holds or lies inside an input, or that exists and is not empty (unless force).
+
+    Raises:
+        OutputError: Naming the output and what to do.
+    """
     resolved = output.resolve()
     for source in inputs:
         source = source.resolve()
@@ -32,48 +43,105 @@ def check_output(output: Path, inputs: Sequence[Path], force: bool) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(output: str | Path, inputs: Sequence[Path], force: bool = False) -> Iterator[Path]:
+def staged_output(
+    output: str | Path, inputs: Sequence[Path], force: bool = False, fsync: bool = False
+) -> Iterator[Path]:
     """Yield a fresh staging directory that becomes `output` when the block succeeds.
 
-    On any exception the staging directory is removed and `output` is left as it was. With `force`, an existing
-    `output` is replaced only once the new one is complete.
+    On any exception (and on KeyboardInterrupt or SystemExit) the staging directory is removed and `output` is
+    left as it was. Writing errors (a full disk, permissions) become `OutputError`.
+
+    Args:
+        output: The directory to create.
+        inputs: Directories the output must not overlap.
+        force: Replace an existing non-empty `output`, only once the new one is complete.
+        fsync: Flush the staged files' directory entries to disk before the rename (for power-loss durability;
+            files are fsynced by their writers when asked).
 
     Raises:
-        OutputError: `output` overlaps an input, or exists and is not empty without `force`.
+        OutputError: `output` overlaps an input, exists and is not empty without `force`, appeared meanwhile, or
+            could not be written.
     """
     output = Path(output)
     check_output(output, inputs, force)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should get the usual permissions
+    _warn_stale(output)
     try:
-        yield staging
-        _fsync_dir(staging)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}{_STAGING_INFIX}", dir=output.parent))
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot create the output directory ({exc.strerror}); choose a writable location") from None
+    try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output gets the usual permissions
+        try:
+            yield staging
+        except OSError as exc:
+            where = f" {exc.filename}" if exc.filename else ""
+            raise OutputError(
+                f"{output}: writing failed ({exc.strerror or exc}{where}); nothing was left under this name - "
+                f"free some space or choose another output"
+            ) from None
+        if fsync:
+            _fsync_dir(staging)
         _move_into_place(staging, output, force)
+        if fsync:
+            _fsync_dir(output.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
 def _move_into_place(staging: Path, output: Path, force: bool) -> None:
+    if force and output.exists() and _exchange(staging, output):
+        shutil.rmtree(staging, ignore_errors=True)  # now holds the previous output
+        return
     previous = None
-    if output.exists() and force:
+    if force and output.exists():
         previous = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
         os.replace(output, previous / output.name)
     try:
         # rename(2) onto an empty directory replaces it, onto a non-empty one fails: a concurrent writer that
-        # finished first wins and this one reports it instead of mixing files into its output.
+        # finished first wins, and this one says so instead of mixing files into its output.
         os.rename(staging, output)
     except OSError as exc:
         if previous is not None:
             os.replace(previous / output.name, output)
-            previous.rmdir()
-        raise OutputError(f"{output}: could not be put in place ({exc.strerror}); another process wrote it meanwhile?") from None
-    _fsync_dir(output.parent)
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
+        raise OutputError(
+            f"{output}: another process wrote this output while this one ran ({exc.strerror}); "
+            f"nothing of this run was left there"
+        ) from None
+    finally:
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    renameat2 = getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None) if libc_name else None
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return result == 0
+
+
+def _warn_stale(output: Path) -> None:
+    if not output.parent.is_dir():
+        return
+    stale = sorted(p.name for p in output.parent.glob(f".{output.name}{_STAGING_INFIX}*"))
+    if stale:
+        warnings.warn(
+            f"{output.parent}: {', '.join(stale)} may be left from an interrupted run; delete them once no other "
+            f"run writes {output.name}",
+            VeraExportWarning,
+            stacklevel=3,
+        )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(path: Path) -> None:

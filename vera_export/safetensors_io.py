@@ -629,7 +629,7 @@ def _encode_header(
 class SafetensorsWriter:
     """Writes one safetensors file as a stream: the header at once, then each tensor in the order declared.
 
-    `close` checks every tensor was written, then flushes and fsyncs. When the ``with`` block raises, the file
+    `close` checks every tensor was written, flushes, and fsyncs when asked. When the ``with`` block raises, the file
     is closed unchecked and left in place, incomplete: deleting it (or not renaming it into place) is the
     caller's job. An existing file at `path` is overwritten.
     """
@@ -639,6 +639,7 @@ class SafetensorsWriter:
         path: str | os.PathLike[str],
         entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
         metadata: dict[str, str] | None = None,
+        fsync: bool = False,
     ) -> None:
         """Creates the file and writes its header.
 
@@ -646,11 +647,13 @@ class SafetensorsWriter:
             path: The file to write.
             entries: (name, dtype, shape) of every tensor, in the order they will be written.
             metadata: ``__metadata__`` for the header, e.g. ``{"format": "pt"}``; None writes none.
+            fsync: Make `close` wait until the data is on disk (durability across power loss, at disk speed).
 
         Raises:
             ValueError: Repeated or reserved names, bad shapes, dtypes safetensors cannot store.
         """
         self.path = Path(path)
+        self.fsync = fsync
         self._entries = [(name, dtype, tuple(shape)) for name, dtype, shape in entries]
         header = _encode_header(self._entries, metadata)
         self._next = 0
@@ -711,7 +714,7 @@ class SafetensorsWriter:
         self._next += 1
 
     def close(self) -> None:
-        """Checks every declared tensor was written, then flushes, fsyncs and closes the file.
+        """Checks every declared tensor was written, then flushes, fsyncs if asked, and closes the file.
 
         Raises:
             ValueError: Some declared tensors were never written (the file is closed, and incomplete).
@@ -726,7 +729,8 @@ class SafetensorsWriter:
                     f"{_listing([repr(n) for n in unwritten])}"
                 )
             self._file.flush()
-            os.fsync(self._file.fileno())
+            if self.fsync:
+                os.fsync(self._file.fileno())
         finally:
             self._file.close()
 
@@ -768,16 +772,20 @@ def _copy_range(src: BinaryIO, info: TensorInfo, dst: BinaryIO) -> None:
         done += n
 
 
-def write_index(path: str | os.PathLike[str], weight_map: dict[str, str], metadata: dict) -> None:
+def write_index(
+    path: str | os.PathLike[str], weight_map: dict[str, str], metadata: dict, fsync: bool = False
+) -> None:
     """Writes a ``model.safetensors.index.json`` the way transformers does (sorted keys, indent 2).
 
     Args:
         path: The index file to write.
         weight_map: Tensor name to shard file name.
         metadata: The index metadata, usually ``{"total_size": <bytes of tensor data>}``.
+        fsync: Wait until the file is on disk.
     """
     content = json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n"
     with open(path, "w", encoding="utf-8") as f:
         f.write(content)
         f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            os.fsync(f.fileno())
