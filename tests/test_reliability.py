@@ -17,11 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from vera_export import MergeOptions, verify
+from vera_export import MergeOptions, VeraExportError, load_adapter, verify
 from vera_export.cli import main
-from vera_export.safetensors_io import SafetensorsWriter
+from vera_export.plan import build_plan
+from vera_export.safetensors_io import SafetensorsWriter, ShardedTensorIndex
 
 from tests.helpers import adapter_dir, base_dir
 
@@ -350,3 +353,67 @@ def test_racing_merges_one_wins_cleanly(big_pair, tmp_path) -> None:
     assert "another process" in loser or "exists and is not empty" in loser
     assert not list(tmp_path.glob(".out.tmp-*"))
     assert verify(base, [adapter], output, full_model=False, options=MergeOptions(progress=False)).passed
+
+
+_ANY = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.lists(st.one_of(st.text(max_size=8), st.integers(-3, 40), st.none()), max_size=4),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+_PLAUSIBLE = {
+    "r": st.one_of(st.sampled_from([8, 16, 0, -1]), st.integers(-5, 10**12)),
+    "target_modules": st.one_of(
+        st.lists(st.sampled_from(["q_proj", "v_proj", "k_proj", "mlp", "model.layers.0.self_attn.q_proj", ""]), max_size=4),
+        st.sampled_from([".*q_proj", "(", ".*", "all-linear", r".*\.(q|v)_proj", "[z-a]"]),
+    ),
+    "projection_prng_key": st.integers(-(2**80), 2**80),
+    "save_projection": st.booleans(),
+    "fan_in_fan_out": st.booleans(),
+    "bias": st.sampled_from(["none", "all", "vera_only", "lora_only", ""]),
+    "modules_to_save": st.one_of(st.none(), st.lists(st.sampled_from(["lm_head", "q_proj", "(", "score"]), max_size=3)),
+    "layers_to_transform": st.one_of(st.none(), st.integers(-2, 3), st.lists(st.integers(-2, 3), max_size=3)),
+    "layers_pattern": st.one_of(st.none(), st.sampled_from(["layers", "h", "(", ["layers", "blocks"]])),
+}
+
+
+@pytest.fixture(scope="module")
+def fuzz_adapter(fixture_root, tmp_path_factory) -> Path:
+    adapter = tmp_path_factory.mktemp("fuzz")
+    shutil.copy(adapter_dir(fixture_root, ADAPTER) / "adapter_model.safetensors", adapter)
+    return adapter
+
+
+_OUTCOMES: dict[str, int] = {}
+
+
+@pytest.mark.filterwarnings("ignore::vera_export.VeraExportWarning")
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_adapter_configs_end_in_our_errors(fixture_root, fuzz_adapter, data) -> None:
+    """Any adapter_config.json either loads and plans against the base, or fails with our own error.
+
+    Each example starts from the adapter's real config and changes, drops or garbles a few fields.
+    """
+    config = json.loads((adapter_dir(fixture_root, ADAPTER) / "adapter_config.json").read_text())
+    for key in data.draw(st.lists(st.sampled_from(sorted(_PLAUSIBLE) + ["peft_type"]), max_size=4, unique=True)):
+        choice = data.draw(st.sampled_from(["plausible", "garbage", "drop"]))
+        if choice == "drop":
+            config.pop(key, None)
+        else:
+            config[key] = data.draw(_PLAUSIBLE.get(key, st.just("LORA")) if choice == "plausible" else _ANY)
+    (fuzz_adapter / "adapter_config.json").write_text(json.dumps(config))
+    shapes = ShardedTensorIndex.from_dir(base_dir(fixture_root, ADAPTER)).tensors
+    try:
+        build_plan([load_adapter(fuzz_adapter)], shapes)
+        _OUTCOMES["planned"] = _OUTCOMES.get("planned", 0) + 1
+    except VeraExportError as exc:
+        _OUTCOMES[type(exc).__name__] = _OUTCOMES.get(type(exc).__name__, 0) + 1
+
+
+def test_fuzzing_reached_every_outcome() -> None:
+    """The fuzzer above explored both valid configs and each kind of rejection (runs after it, in file order)."""
+    assert {"planned", "AdapterError", "IncompatibleAdapterError"} <= _OUTCOMES.keys(), _OUTCOMES
