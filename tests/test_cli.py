@@ -30,7 +30,7 @@ def _one_error_line(result, *fragments: str) -> None:
 
 def test_help_shows_examples() -> None:
     assert "Example" in run("--help").output
-    for command in ("merge", "unmerge", "inspect", "verify"):
+    for command in ("merge", "unmerge", "inspect", "verify", "to-lora", "embed-projections"):
         result = run(command, "--help")
         assert result.exit_code == 0 and "Example" in result.output and "vera-export " + command in result.output
 
@@ -122,3 +122,18 @@ def test_console_script_runs(fixture_root, tmp_path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "missing" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_to_lora_and_embed_projections(fixture_root, tmp_path) -> None:
+    name = "gpt2-attn"
+    base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
+    result = run("to-lora", "--base", base, "--adapter", adapter, "--output", tmp_path / "lora", "--rank", "4", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["rank"] == 4 and not report["exact"] and 0 < report["total_truncation_error"] < 1
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert "warning:" in result.stderr  # vLLM refuses trained biases
+    result = run("embed-projections", "--base", base, "--adapter", adapter, "--output", tmp_path / "embedded")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "embedded" / "adapter_config.json").read_text())["save_projection"] is True
+    _one_error_line(run("embed-projections", "--base", base, "--adapter", tmp_path / "embedded", "--output", tmp_path / "again"), "already stores")

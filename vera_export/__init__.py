@@ -9,8 +9,10 @@ from .errors import (
     VeraExportError,
     VeraExportWarning,
 )
+from .embed import EmbedReport, embed_projections
 from .inspection import inspect
 from .layers import VeraLinear, apply_vera, merge_into, unmerge_from
+from .lora import LoraLayer, LoraReport, to_lora
 from .merge import merge, unmerge
 from .options import MergeOptions
 from .projections import Rounding, generate_projections
@@ -19,7 +21,10 @@ from .verify import verify
 __all__ = [
     "AdapterError",
     "CheckpointError",
+    "EmbedReport",
     "IncompatibleAdapterError",
+    "LoraLayer",
+    "LoraReport",
     "MergeOptions",
     "OutputError",
     "Rounding",
@@ -29,11 +34,13 @@ __all__ = [
     "VeraExportWarning",
     "VeraLinear",
     "apply_vera",
+    "embed_projections",
     "generate_projections",
     "inspect",
     "load_adapter",
     "merge",
     "merge_into",
+    "to_lora",
     "unmerge",
     "unmerge_from",
     "verify",

@@ -27,7 +27,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 
 _MODEL_PREFIX = "base_model.model."
-_PROJECTION_KEYS = {"vera_A": "base_model.vera_A", "vera_B": "base_model.vera_B"}
+PROJECTION_KEYS = {"vera_A": "base_model.vera_A", "vera_B": "base_model.vera_B"}
 _BIAS_CHOICES = ("none", "all", "vera_only")
 
 
@@ -146,11 +146,12 @@ def load_adapter(path: str | Path, allow_pickle: bool = False) -> VeraAdapter:
     if not path.is_dir():
         raise AdapterError(f"{path}: adapter directory does not exist; point --adapter at a PEFT adapter directory")
     config = VeraConfig.from_json(path / CONFIG_NAME)
-    tensors = _read_adapter_tensors(path, allow_pickle)
+    tensors = read_adapter_tensors(path, allow_pickle)
     return _assemble(path, config, tensors)
 
 
-def _read_adapter_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def read_adapter_tensors(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of an adapter directory under its checkpoint key (safetensors, or pickle if allowed)."""
     weights = path / WEIGHTS_NAME
     if weights.is_file():
         return load_tensors(ShardedTensorIndex.from_file(weights))
@@ -180,7 +181,7 @@ def _assemble(path: Path, config: VeraConfig, tensors: dict[str, torch.Tensor]) 
     projections: dict[str, torch.Tensor] = {}
     replacements: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
-        projection = next((name for name, k in _PROJECTION_KEYS.items() if key == k), None)
+        projection = next((name for name, k in PROJECTION_KEYS.items() if key == k), None)
         if projection is not None:
             projections[projection] = tensor
         elif not key.startswith(_MODEL_PREFIX):
@@ -210,7 +211,7 @@ def _assemble(path: Path, config: VeraConfig, tensors: dict[str, torch.Tensor]) 
     vera_A, vera_B = projections.get("vera_A"), projections.get("vera_B")
     notes: list[str] = []
     if (vera_A is None) != (vera_B is None):
-        problems.append(f"only one of {', '.join(_PROJECTION_KEYS.values())} is present")
+        problems.append(f"only one of {', '.join(PROJECTION_KEYS.values())} is present")
     elif vera_A is not None:
         if vera_A.ndim != 2 or vera_A.shape[0] != config.r:
             problems.append(f"base_model.vera_A has shape {list(vera_A.shape)}, expected [r={config.r}, max_in]")

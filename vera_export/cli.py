@@ -10,8 +10,10 @@ from pathlib import Path
 
 import click
 
+from .embed import embed_projections
 from .errors import VeraExportError, VeraExportWarning
 from .inspection import inspect
+from .lora import DTYPES, to_lora
 from .merge import merge, unmerge
 from .options import MergeOptions
 from .projections import Rounding
@@ -210,6 +212,53 @@ def verify_command(base, adapters, merged, full_model, allow_pickle, rounding, q
         click.echo(json.dumps(report.to_json(), indent=2))
     if not report.passed:
         sys.exit(EXIT_FAILED)
+
+
+@main.command("to-lora")
+@click.option("--base", required=True, type=_path, help="Base model directory (config.json + safetensors).")
+@click.option("--adapter", required=True, type=_path, help="PEFT VeRA adapter directory.")
+@click.option("--output", required=True, type=_path, help="Directory for the PEFT LoRA adapter.")
+@click.option(
+    "--rank", type=click.IntRange(min=1), default=None,
+    help="Best rank-K approximation of each layer (default: the exact export at the adapter's r).",
+)
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True, help="Dtype of lora_A / lora_B.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output directory once the new one is complete.")
+@_allow_pickle
+@_rounding
+@_json
+def to_lora_command(base, adapter, output, rank, dtype, force, allow_pickle, rounding, as_json):
+    """Export a VeRA adapter as a plain PEFT LoRA adapter, exactly or truncated to rank K.
+
+    Warns where vLLM would refuse the result (rank above 16, modules_to_save, trained biases).
+
+    \b
+    Example:
+      vera-export to-lora --base ./llama --adapter ./my-vera --output ./my-lora --rank 16
+    """
+    options = MergeOptions(force=force, allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=False)
+    report = to_lora(base, adapter, output, rank=rank, dtype=dtype, options=options)
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.text())
+
+
+@main.command("embed-projections")
+@click.option("--base", required=True, type=_path, help="Base model directory the adapter is used with.")
+@click.option("--adapter", required=True, type=_path, help="PEFT VeRA adapter saved with save_projection=False.")
+@click.option("--output", required=True, type=_path, help="Directory for the adapter with projections embedded.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output directory once the new one is complete.")
+@_allow_pickle
+@_rounding
+@_json
+def embed_projections_command(base, adapter, output, force, allow_pickle, rounding, as_json):
+    """Store the projections PEFT regenerates for this base in a copy of the adapter (save_projection true).
+
+    \b
+    Example:
+      vera-export embed-projections --base ./llama --adapter ./my-vera --output ./my-vera-embedded
+    """
+    options = MergeOptions(force=force, allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=False)
+    report = embed_projections(base, adapter, output, options)
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.text())
 
 
 def _print_verification(report, as_json: bool, quiet: bool) -> None:

@@ -772,6 +772,19 @@ def _copy_range(src: BinaryIO, info: TensorInfo, dst: BinaryIO) -> None:
         done += n
 
 
+def save_tensors(
+    path: str | os.PathLike[str],
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    fsync: bool = False,
+) -> None:
+    """Writes small in-memory tensors (an adapter) as one safetensors file, in the given order."""
+    entries = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    with SafetensorsWriter(path, entries, metadata, fsync) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+
+
 def write_index(
     path: str | os.PathLike[str], weight_map: dict[str, str], metadata: dict, fsync: bool = False
 ) -> None:
