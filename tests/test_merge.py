@@ -163,3 +163,14 @@ def test_near_cancellation_ours_within_one_ulp_peft_thousands(fixture_root) -> N
     theirs_ulps = ((theirs[rows, cols].double() - exact).abs() / spacing).max().item()
     assert ours_ulps <= 1.0
     assert theirs_ulps > 1000
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["llama-bf16-all", "llama-qv", "gpt2-attn"])
+def test_merge_on_gpu_keeps_the_one_ulp_rule(fixture_root, tmp_path, name: str) -> None:
+    base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
+    merge(base, [adapter], tmp_path / "out", MergeOptions(device="cuda", progress=False))
+    plan = build_plan([load_adapter(adapter)], ShardedTensorIndex.from_dir(base).tensors)
+    before, after = _tensors(base), _tensors(tmp_path / "out")
+    for key, value in _exact_merged(before, plan).items():
+        assert ((after[key].double() - value).abs() <= ulp(value, after[key].dtype)).all(), key
