@@ -30,7 +30,7 @@ def _one_error_line(result, *fragments: str) -> None:
 
 def test_help_shows_examples() -> None:
     assert "Example" in run("--help").output
-    for command in ("merge", "unmerge", "inspect", "verify", "to-lora", "embed-projections"):
+    for command in ("merge", "unmerge", "inspect", "verify", "to-lora", "embed-projections", "onnx", "onnx-adapter"):
         result = run(command, "--help")
         assert result.exit_code == 0 and "Example" in result.output and "vera-export " + command in result.output
 

@@ -67,3 +67,15 @@ def test_unmerge_from_restores_the_base(fixture_root, name: str) -> None:
         assert ((after.double() - before.double()).abs() <= bound).all(), key
         changed += not torch.equal(merged_state[key], before)
     assert changed > 0
+
+
+def test_stored_projections_stay_as_stored_on_a_16_bit_base(fixture_root) -> None:
+    """PEFT rounds regenerated projections to a 16-bit base's dtype but keeps stored float32 ones as they are."""
+    base = fixture_root / "bases" / "llama-bf16-sharded"  # the same weights as llama-qv's base, in bf16
+    adapter = adapter_dir(fixture_root, "llama-qv")
+    peft_model = load_peft(base, [adapter])
+    ours = apply_vera(load_base(base), [adapter])
+    inputs = sample_inputs(ours.config.vocab_size)
+    torch.testing.assert_close(outputs(ours, inputs), outputs(peft_model, inputs), rtol=0, atol=0)
+    stored = peft_model.base_model.vera_A["a0"]
+    assert not torch.equal(stored, stored.bfloat16().float())  # really not rounded, so the test can tell

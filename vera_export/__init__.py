@@ -14,7 +14,7 @@ from .inspection import inspect
 from .layers import VeraLinear, apply_vera, merge_into, unmerge_from
 from .lora import LoraLayer, LoraReport, to_lora
 from .merge import merge, unmerge
-from .options import MergeOptions
+from .options import MergeOptions, OnnxOptions
 from .projections import Rounding, generate_projections
 from .verify import verify
 
@@ -26,6 +26,9 @@ __all__ = [
     "LoraLayer",
     "LoraReport",
     "MergeOptions",
+    "OnnxAdapterReport",
+    "OnnxOptions",
+    "OnnxReport",
     "OutputError",
     "Rounding",
     "VeraAdapter",
@@ -40,8 +43,28 @@ __all__ = [
     "load_adapter",
     "merge",
     "merge_into",
+    "onnx",
+    "onnx_adapter",
     "to_lora",
     "unmerge",
     "unmerge_from",
     "verify",
+    "verify_onnx",
 ]
+
+# ONNX's libraries take seconds to import; they load on first use of these names.
+_LAZY = {
+    "OnnxAdapterReport": "onnx_adapter",
+    "onnx_adapter": "onnx_adapter",
+    "OnnxReport": "onnx_export",
+    "onnx": "onnx_export",
+    "verify_onnx": "onnx_export",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,7 @@ from .errors import VeraExportError, VeraExportWarning
 from .inspection import inspect
 from .lora import DTYPES, to_lora
 from .merge import merge, unmerge
-from .options import MergeOptions
+from .options import MIN_OPSET, MODES, TASKS, MergeOptions, OnnxOptions
 from .projections import Rounding
 from .verify import verify
 
@@ -189,29 +189,122 @@ def inspect_command(adapter, base, allow_pickle, as_json):
 @main.command("verify")
 @click.option("--base", required=True, type=_path, help="Base model directory.")
 @_adapters
-@click.option("--merged", required=True, type=_path, help="Merged model directory to check.")
+@click.option("--merged", type=_path, help="Merged model directory to check.")
+@click.option("--onnx", "onnx_dir", type=_path, help="Directory written by `vera-export onnx` to check instead.")
 @click.option(
     "--full-model/--layers-only", default=None,
-    help="Compare whole-model outputs too (default: when two copies fit in memory).",
+    help="Compare whole-model outputs too (default: when two copies fit in memory). --merged only.",
 )
 @_allow_pickle
 @_rounding
 @_quiet
 @_json
-def verify_command(base, adapters, merged, full_model, allow_pickle, rounding, quiet, as_json):
-    """Check a merged checkpoint against the unmerged VeRA model; exit 1 if any check fails.
+def verify_command(base, adapters, merged, onnx_dir, full_model, allow_pickle, rounding, quiet, as_json):
+    """Check a merged checkpoint or an ONNX export against the unmerged VeRA model; exit 1 if any check fails.
+
+    With --onnx, the graph runs in ONNX Runtime on two input shapes; the projections are regenerated with the
+    rounding recorded at export, so --rounding does not apply.
 
     \b
-    Example:
+    Examples:
       vera-export verify --base ./llama --adapter ./my-vera --merged ./llama-merged --json
+      vera-export verify --base ./llama --adapter ./my-vera --onnx ./llama-onnx
     """
-    options = MergeOptions(allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=not quiet)
-    report = verify(base, adapters, merged, full_model=full_model, options=options)
+    if (merged is None) == (onnx_dir is None):
+        raise click.UsageError("pass exactly one of --merged and --onnx")
+    if onnx_dir is not None:
+        from .onnx_export import verify_onnx  # ONNX's libraries take seconds to import: only when asked
+
+        report = verify_onnx(onnx_dir, base, adapters, allow_pickle=allow_pickle)
+    else:
+        options = MergeOptions(allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=not quiet)
+        report = verify(base, adapters, merged, full_model=full_model, options=options)
     _print_verification(report, as_json=as_json, quiet=quiet)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     if not report.passed:
         sys.exit(EXIT_FAILED)
+
+
+@main.command("onnx")
+@click.option("--base", required=True, type=_path, help="Base model directory (config.json + safetensors).")
+@_adapters
+@click.option("--output", required=True, type=_path, help="Directory for model.onnx, vera_export.json and the config.")
+@click.option(
+    "--mode", type=click.Choice(MODES), default="merged", show_default=True,
+    help="merged: adapters folded into the weights; adapter: one adapter kept as swappable graph inputs.",
+)
+@click.option(
+    "--task", type=click.Choice(["auto", *TASKS]), default="auto", show_default=True,
+    help="What the graph returns; auto reads config.json's architecture.",
+)
+@click.option("--opset", type=click.IntRange(min=MIN_OPSET), default=MIN_OPSET, show_default=True, help="ONNX opset.")
+@click.option(
+    "--verify/--no-verify", "run_verify", default=True, show_default=True,
+    help="Compare the graph in ONNX Runtime with the unmerged model in PyTorch.",
+)
+@click.option(
+    "--external-data/--no-external-data", default=None,
+    help="Weights in model.onnx.data (default: only when they pass protobuf's 2 GiB).",
+)
+@click.option("--force", is_flag=True, help="Replace a non-empty output directory once the new one is complete.")
+@_allow_pickle
+@_rounding
+@_quiet
+@_json
+def onnx_command(
+    base, adapters, output, mode, task, opset, run_verify, external_data, force, allow_pickle, rounding, quiet, as_json
+):
+    """Export the base model with VeRA adapters to ONNX; exit 1 if the graph fails verification.
+
+    \b
+    Example:
+      vera-export onnx --base ./llama --adapter ./my-vera --output ./llama-onnx --mode adapter
+    """
+    from .onnx_export import onnx
+
+    options = OnnxOptions(
+        mode=mode, task=task, opset=opset, verify=run_verify, external_data=external_data, force=force,
+        allow_pickle=allow_pickle, rounding=Rounding(rounding),
+    )
+    report = onnx(base, adapters, output, options)
+    _warn(report.warnings)
+    if not as_json:
+        click.echo(
+            f"exported {report.task} graph ({report.mode} mode, {report.overridable} overridable tensors) to {output}: "
+            f"{', '.join(report.files)} ({report.seconds:.1f} s)"
+        )
+    if report.verification is not None:
+        _print_verification(report.verification, as_json=as_json, quiet=quiet)
+    if as_json:
+        click.echo(json.dumps({"onnx": report.to_json()}, indent=2))
+    if report.verification is not None and not report.verification.passed:
+        sys.exit(EXIT_FAILED)
+
+
+@main.command("onnx-adapter")
+@click.option("--model", "model_dir", required=True, type=_path, help="Directory written by `vera-export onnx --mode adapter`.")
+@click.option("--adapter", required=True, type=_path, help="PEFT VeRA adapter of the same base, projections and layers.")
+@click.option("--output", required=True, type=_path, help="The .onnx_adapter file to write.")
+@click.option("--force", is_flag=True, help="Replace an existing file.")
+@_allow_pickle
+@_json
+def onnx_adapter_command(model_dir, adapter, output, force, allow_pickle, as_json):
+    """Write a VeRA adapter as an ONNX Runtime adapter file for a graph exported in adapter mode.
+
+    Load it with onnxruntime.LoraAdapter and apply it per run with RunOptions.add_active_adapter.
+
+    \b
+    Example:
+      vera-export onnx-adapter --model ./llama-onnx --adapter ./other-vera --output ./other.onnx_adapter
+    """
+    from .onnx_adapter import onnx_adapter
+
+    report = onnx_adapter(model_dir, adapter, output, force=force, allow_pickle=allow_pickle)
+    if as_json:
+        click.echo(json.dumps({"onnx_adapter": report.to_json()}, indent=2))
+    else:
+        click.echo(f"wrote {report.parameters} parameters to {report.output} ({report.bytes_written} bytes)")
 
 
 @main.command("to-lora")

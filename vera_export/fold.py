@@ -92,8 +92,9 @@ def fold(
     """Return `weight + alpha * left @ right`, within 1 ulp of exact, in `weight.dtype`.
 
     Per block of rows: the product is formed in the compute dtype (see `compute_dtype`) with one matrix
-    multiplication, the weight is added with one rounding, the few elements whose result the compute precision
-    cannot vouch for are recomputed (see `_CancellationGuard`), and the block is rounded to the weight's dtype.
+    multiplication, the weight is added with one rounding, and the block is rounded to the weight's dtype. The few
+    elements whose result the compute precision cannot vouch for are noted on the way and recomputed at the end
+    (see `_CancellationGuard`).
 
     Args:
         weight: The stored weight, on the device to compute on; not modified unless it is also `out`.
@@ -124,8 +125,9 @@ def fold(
         block = buffer[: stop - start]
         torch.mm(left_c[start:stop], right_c, out=block)
         block.add_(weight[start:stop])
-        guard.repair(block, weight[start:stop], start, scratch[: stop - start])
+        guard.inspect(block, weight[start:stop], start, scratch[: stop - start])
         out[start:stop].copy_(block)
+    guard.repair(out)
     return out
 
 
@@ -136,16 +138,15 @@ class _CancellationGuard:
     (factors rounded to the compute dtype, products accumulated in any order) is within
     `gamma_{k+3} * sum_k |l_k r_k| <= gamma_{k+3} * ||l_i|| ||r_j||` of exact, and adding the weight rounds once
     more. Rounding the sum `y` to a dtype with `p` significand bits is within 1 ulp of exact whenever the error is at
-    most `2**-(p + 2) * |y|`. So an element can need repair only if `|y_ij| < K ||l_i|| ||r_j||` with
-    `K = gamma_{k+3} / (2**-(p + 2) - u)`: one rank-1 update and one reduction over the block find out. Those few
-    elements are recomputed in float64 from the exact factors and, where even that cannot vouch for the result,
-    exactly.
+    most `2**-(p + 1) * |y|`. So an element can need repair only if `|y_ij| < K ||l_i|| ||r_j||` with
+    `K = gamma_{k+3} / (2**-(p + 1) - u)`: one rank-1 update and one reduction per block find out. Those elements
+    are recomputed in float64 from the exact factors and, where even that cannot vouch for the result, exactly.
     """
 
     def __init__(self, out_dtype: torch.dtype, dtype: torch.dtype, left: torch.Tensor, right: torch.Tensor) -> None:
         k = left.shape[1]
         u = torch.finfo(dtype).eps / 2
-        self.margin = 2.0 ** -(_SIGNIFICAND_BITS[out_dtype] + 2)
+        self.margin = 2.0 ** -(_SIGNIFICAND_BITS[out_dtype] + 1)
         self.out_dtype = out_dtype
         # Sums at least this large round to infinity in the output dtype. A delta smaller than half the spacing
         # of the largest values cannot get there from a finite weight, so then the check is skipped.
@@ -163,43 +164,47 @@ class _CancellationGuard:
         self.row_norms_c, self.col_norms_c = self.row_norms.to(dtype), self.col_norms.to(dtype)
         largest_delta = (self.row_norms.max() * self.col_norms.max()).item() if left.numel() and right.numel() else 0.0
         self.may_overflow = largest_delta >= half_spacing
+        self.suspects: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, cols, weight values)
 
-    def repair(self, block: torch.Tensor, weight: torch.Tensor, start: int, scratch: torch.Tensor) -> None:
-        rows = slice(start, start + block.shape[0])
+    def inspect(self, block: torch.Tensor, weight: torch.Tensor, start: int, scratch: torch.Tensor) -> None:
+        """Note the elements of one computed block that may need repair (a few passes over the block)."""
         torch.abs(block, out=scratch)
         if self.may_overflow and not scratch.amax() < self.overflow and torch.isfinite(weight).all():
-            raise FloatingPointError(f"overflows {self.out_dtype} (or gives NaN) in rows {rows.start}-{rows.stop - 1}")
-        scratch.addr_(self.row_norms_c[rows], self.col_norms_c, alpha=-self.scale)
-        if block.numel() == 0:
+            raise FloatingPointError(f"overflows {self.out_dtype} (or gives NaN) in rows {start}-{start + len(block) - 1}")
+        scratch.addr_(self.row_norms_c[start : start + len(block)], self.col_norms_c, alpha=-self.scale)
+        if block.numel() == 0 or not scratch.amin() < 0:
             return
-        # Candidates are rare and scattered: find their rows first, then look only there.
-        suspect_rows = (scratch.amin(dim=1) < 0).nonzero().flatten()
-        if suspect_rows.numel() == 0:
-            return
-        where = (scratch[suspect_rows] < 0).nonzero()
-        i, j = suspect_rows[where[:, 0]], where[:, 1]
+        i, j = (scratch < 0).nonzero(as_tuple=True)
         w = weight[i, j].double()
-        if self.exact_compute:
-            self._exact(block, start, i, j, w)
-            return
-        if i.numel() > block.numel() // _DENSE:
+        if not self.exact_compute and i.numel() > block.numel() // _DENSE:
             # Many candidates (a delta as large as the weights): one float64 product beats gathering rows.
-            recomputed = torch.addmm(weight.double(), self.left[rows], self.right)[i, j]
-        else:
-            recomputed = torch.cat(
-                [(self.left[start + ci] * self.right[:, cj].T).sum(dim=1) for ci, cj in zip(i.split(_CHUNK), j.split(_CHUNK))]
-            ).add_(w)
-        bound = self.gamma64 * (w.abs() + self.row_norms[start + i] * self.col_norms[j])
-        safe = bound <= self.margin * recomputed.abs()
-        block[i[safe], j[safe]] = recomputed[safe].to(block.dtype)
-        if not safe.all():
-            unsafe = ~safe
-            self._exact(block, start, i[unsafe], j[unsafe], w[unsafe])
+            recomputed = torch.addmm(weight.double(), self.left[start : start + len(block)], self.right)[i, j]
+            safe = self._safe(start + i, j, w, recomputed)
+            block[i[safe], j[safe]] = recomputed[safe].to(block.dtype)
+            i, j, w = i[~safe], j[~safe], w[~safe]
+            if not i.numel():
+                return
+        self.suspects.append((start + i, j, w))
 
-    def _exact(self, block: torch.Tensor, start: int, i: torch.Tensor, j: torch.Tensor, w: torch.Tensor) -> None:
+    def repair(self, out: torch.Tensor) -> None:
+        """Recompute every noted element, rounding straight from float64 (or exact) into `out`."""
+        if not self.suspects:
+            return
+        i, j, w = (torch.cat(parts) for parts in zip(*self.suspects))
         for ci, cj, cw in zip(i.split(_CHUNK), j.split(_CHUNK), w.split(_CHUNK)):
-            exact = _exact_sums(cw, self.left[start + ci], self.right[:, cj].T)
-            block[ci, cj] = exact.to(block.device, block.dtype)
+            if not self.exact_compute:
+                recomputed = (self.left[ci] * self.right[:, cj].T).sum(dim=1).add_(cw)
+                safe = self._safe(ci, cj, cw, recomputed)
+                out[ci[safe], cj[safe]] = recomputed[safe].to(out.device, out.dtype)
+                ci, cj, cw = ci[~safe], cj[~safe], cw[~safe]
+            if ci.numel():
+                exact = _exact_sums(cw, self.left[ci], self.right[:, cj].T)
+                out[ci, cj] = exact.to(out.device, out.dtype)
+
+    def _safe(self, i: torch.Tensor, j: torch.Tensor, w: torch.Tensor, recomputed: torch.Tensor) -> torch.Tensor:
+        """Whether float64 vouches for each recomputed element (same test, with float64's error bound)."""
+        bound = self.gamma64 * (w.abs() + self.row_norms[i] * self.col_norms[j])
+        return bound <= self.margin * recomputed.abs()
 
 
 def gamma(n: int, dtype: torch.dtype) -> float:

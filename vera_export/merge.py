@@ -124,7 +124,7 @@ def _rewrite(source: Path, adapters: list[VeraAdapter], output: Path, alpha: flo
             )
         if index.is_sharded:
             write_index(staging / INDEX_NAME, index.weight_map, index.index_metadata or {}, options.fsync)
-        report.warnings.extend(_copy_side_files(source, staging))
+        report.warnings.extend(copy_side_files(source, staging))
     report.seconds = time.perf_counter() - started
     return report
 
@@ -231,7 +231,7 @@ class _ShardWriter:
             self.writer.close()
 
 
-def _copy_side_files(source: Path, staging: Path) -> list[str]:
+def copy_side_files(source: Path, staging: Path) -> list[str]:
     """Copy every file that is not safetensors weights; skip (and report) weights of other formats."""
     skipped = []
     for path in sorted(source.rglob("*")):

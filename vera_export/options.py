@@ -31,3 +31,46 @@ class MergeOptions:
     progress: bool = True
     fsync: bool = False
     overlap: bool = True
+
+
+# Task -> (graph output, architecture suffixes it applies to). Feature extraction runs any model's base model.
+TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "causal-lm": ("logits", ("ForCausalLM", "LMHeadModel")),
+    "sequence-classification": ("logits", ("ForSequenceClassification",)),
+    "feature-extraction": ("last_hidden_state", ("Model",)),
+}
+MODES = ("merged", "adapter")
+MIN_OPSET = 18
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    """How a model is exported.
+
+    Attributes:
+        mode: `"merged"` (adapters folded into the weights) or `"adapter"` (one adapter, swappable).
+        task: `"auto"` (from `config.json`'s architecture) or one of `TASKS`.
+        opset: ONNX opset of the graph, at least 18.
+        verify: Compare the graph in ONNX Runtime with the unmerged model in PyTorch after exporting.
+        external_data: Weights in `model.onnx.data`: True, False, or None for only when over protobuf's 2 GiB.
+        force: Replace a non-empty output directory (only once the new one is complete).
+        allow_pickle: Read `adapter_model.bin` with `torch.load(weights_only=True)` when there is no safetensors.
+        rounding: Which CPU kernel's float rounding to reproduce when regenerating projections.
+    """
+
+    mode: str = "merged"
+    task: str = "auto"
+    opset: int = MIN_OPSET
+    verify: bool = True
+    external_data: bool | None = None
+    force: bool = False
+    allow_pickle: bool = False
+    rounding: Rounding = Rounding.FMA
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode is {self.mode!r}, expected one of {MODES}")
+        if self.task != "auto" and self.task not in TASKS:
+            raise ValueError(f"task is {self.task!r}, expected 'auto' or one of {tuple(TASKS)}")
+        if self.opset < MIN_OPSET:
+            raise ValueError(f"opset is {self.opset}, the dynamo exporter needs at least {MIN_OPSET}")

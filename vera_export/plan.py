@@ -6,6 +6,7 @@ every incompatibility is reported before an output is started.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -107,6 +108,18 @@ def resolve_projections(
             f"{need_out}); the adapter was trained on another model"
         )
     return Projections(adapter.vera_A, adapter.vera_B, stored=True)
+
+
+def pin_projections(adapters: Sequence[VeraAdapter], plan: Plan) -> list[VeraAdapter]:
+    """The adapters with the projections `plan` resolved for its checkpoint, as if they were stored.
+
+    A model loaded in another dtype than its checkpoint (float32 or float64 for a reference) would otherwise
+    regenerate projections without the rounding PEFT applies on the checkpoint's 16-bit dtype.
+    """
+    return [
+        dataclasses.replace(a, vera_A=plan.projections[str(a.path)].vera_A, vera_B=plan.projections[str(a.path)].vera_B)
+        for a in adapters
+    ]
 
 
 def build_plan(

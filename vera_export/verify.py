@@ -29,7 +29,7 @@ from .adapter import VeraAdapter, VeraLayer, load_adapter
 from .errors import CheckpointError
 from .fold import compute_dtype, gamma
 from .options import MergeOptions
-from .plan import LayerDelta, build_plan
+from .plan import LayerDelta, build_plan, pin_projections
 from .progress import progress_bar
 from .safetensors_io import LazyTensorLoader, ShardedTensorIndex
 
@@ -136,7 +136,7 @@ def verify(
         if not full_model:
             report.warnings.append("model outputs not compared: two copies of the model do not fit in memory")
     if full_model:
-        report.checks.extend(check_model_outputs(base, loaded, merged, options))
+        report.checks.extend(check_model_outputs(base, pin_projections(loaded, plan), merged, options))
     return report
 
 
@@ -243,7 +243,11 @@ def model_inputs(vocab_size: int) -> list[dict[str, torch.Tensor]]:
 def check_model_outputs(
     base: Path, adapters: Sequence[VeraAdapter], merged: Path, options: MergeOptions = MergeOptions()
 ) -> list[Check]:
-    """Compare the merged model's outputs with the base model plus `VeraLinear` layers on `model_inputs`."""
+    """Compare the merged model's outputs with the base model plus `VeraLinear` layers on `model_inputs`.
+
+    Pass adapters with their projections pinned (`plan.pin_projections`): the reference model is loaded in the
+    compute dtype, and must use the projections resolved on the checkpoint's own dtype.
+    """
     from .layers import apply_vera
     from .modeling import load_model, model_outputs
 
