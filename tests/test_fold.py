@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vera_export.fold import compute_dtype, fold, layer_factors, stack_factors
-from vera_export.verify import ulp
+from vera_export.verification import ulp
 
 
 def _exact(weight: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> list[list[Fraction]]:

@@ -13,10 +13,10 @@ from .embed import EmbedReport, embed_projections
 from .inspection import inspect
 from .layers import VeraLinear, apply_vera, merge_into, unmerge_from
 from .lora import LoraLayer, LoraReport, to_lora
-from .merge import merge, unmerge
+from .merging import merge, unmerge
 from .options import MergeOptions, OnnxOptions
 from .projections import Rounding, generate_projections
-from .verify import verify
+from .verification import verify
 
 __all__ = [
     "AdapterError",

@@ -14,10 +14,10 @@ from .embed import embed_projections
 from .errors import VeraExportError, VeraExportWarning
 from .inspection import inspect
 from .lora import DTYPES, to_lora
-from .merge import merge, unmerge
+from .merging import merge, unmerge
 from .options import MIN_OPSET, MODES, TASKS, MergeOptions, OnnxOptions
 from .projections import Rounding
-from .verify import verify
+from .verification import verify
 
 EXIT_FAILED = 1  # verification ran and failed
 EXIT_ERROR = 2  # bad input: one line on stderr, no traceback

@@ -91,8 +91,8 @@ def fold(
 ) -> torch.Tensor:
     """Return `weight + alpha * left @ right`, within 1 ulp of exact, in `weight.dtype`.
 
-    Per block of rows: the product is formed in the compute dtype (see `compute_dtype`) with one matrix
-    multiplication, the weight is added with one rounding, and the block is rounded to the weight's dtype. The few
+    Per block of rows: the weight is copied into a buffer of the compute dtype (see `compute_dtype`), the product
+    is accumulated onto it with one `addmm_`, and the block is rounded to the weight's dtype. The few
     elements whose result the compute precision cannot vouch for are noted on the way and recomputed at the end
     (see `_CancellationGuard`).
 
@@ -123,8 +123,8 @@ def fold(
     for start in range(0, rows, block_rows):
         stop = min(start + block_rows, rows)
         block = buffer[: stop - start]
-        torch.mm(left_c[start:stop], right_c, out=block)
-        block.add_(weight[start:stop])
+        block.copy_(weight[start:stop])
+        block.addmm_(left_c[start:stop], right_c)
         guard.inspect(block, weight[start:stop], start, scratch[: stop - start])
         out[start:stop].copy_(block)
     guard.repair(out)
@@ -134,18 +134,18 @@ def fold(
 class _CancellationGuard:
     """Finds the elements whose computed sum may be more than 1 ulp (of the output dtype) off, and fixes them.
 
-    With unit roundoff `u` of the compute dtype, `k` terms and exact factors `l`, `r`, the computed product
-    (factors rounded to the compute dtype, products accumulated in any order) is within
-    `gamma_{k+3} * sum_k |l_k r_k| <= gamma_{k+3} * ||l_i|| ||r_j||` of exact, and adding the weight rounds once
-    more. Rounding the sum `y` to a dtype with `p` significand bits is within 1 ulp of exact whenever the error is at
-    most `2**-(p + 1) * |y|`. So an element can need repair only if `|y_ij| < K ||l_i|| ||r_j||` with
-    `K = gamma_{k+3} / (2**-(p + 1) - u)`: one rank-1 update and one reduction per block find out. Those elements
-    are recomputed in float64 from the exact factors and, where even that cannot vouch for the result, exactly.
+    With unit roundoff `u` of the compute dtype, `k` terms and exact factors `l`, `r`, the computed
+    `y = W + sum_k l_k r_k` (factors rounded to the compute dtype, the weight and the products accumulated in any
+    order) is within `E = gamma_{k+3} * (|W| + S)` of the exact `x`, where `S = sum_k |l_k r_k| <= ||l_i|| ||r_j||`.
+    As `|W| <= |y| + E + S`, `E <= g * (|y| + 2 S)` with `g = gamma_{k+3} / (1 - gamma_{k+3})`. Rounding `y` to a
+    dtype with `p` significand bits is within 1 ulp of `x` whenever `E <= m |y|` with `m = 2**-(p + 1)`, so an
+    element can need repair only if `|y_ij| < K ||l_i|| ||r_j||` with `K = 2 g / (m - g)`: one rank-1 update and
+    one reduction per block find out. Those elements are recomputed in float64 from the exact factors and, where
+    even that cannot vouch for the result, exactly.
     """
 
     def __init__(self, out_dtype: torch.dtype, dtype: torch.dtype, left: torch.Tensor, right: torch.Tensor) -> None:
         k = left.shape[1]
-        u = torch.finfo(dtype).eps / 2
         self.margin = 2.0 ** -(_SIGNIFICAND_BITS[out_dtype] + 1)
         self.out_dtype = out_dtype
         # Sums at least this large round to infinity in the output dtype. A delta smaller than half the spacing
@@ -153,8 +153,9 @@ class _CancellationGuard:
         info = torch.finfo(out_dtype)
         half_spacing = info.eps * 2.0 ** (math.floor(math.log2(info.max)) - 1)
         self.overflow = info.max + half_spacing
+        g = gamma(k + 3, dtype) / (1 - gamma(k + 3, dtype))
         # 1 + 2**-10 on top: the test itself is computed in the compute dtype.
-        self.scale = gamma(k + 3, dtype) / (self.margin - u) * (1 + 2.0**-10)
+        self.scale = 2 * g / (self.margin - g) * (1 + 2.0**-10)
         self.gamma64 = gamma(k + 2, torch.float64)
         self.exact_compute = dtype == torch.float64
         self.left, self.right = left, right

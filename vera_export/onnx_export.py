@@ -45,7 +45,7 @@ from torch import nn
 from .adapter import VeraAdapter, load_adapter
 from .errors import AdapterError, CheckpointError, OutputError
 from .layers import VeraLinear, apply_vera, merge_into
-from .merge import copy_side_files
+from .merging import copy_side_files
 from .modeling import load_model, model_class
 from .onnx_adapter import (
     MANIFEST_NAME,
@@ -62,7 +62,7 @@ from .outputs import staged_output
 from .plan import Plan, build_plan, pin_projections
 from .projections import Rounding
 from .safetensors_io import ShardedTensorIndex
-from .verify import Check, VerifyReport, cast_adapter, model_inputs
+from .verification import Check, VerifyReport, cast_adapter, model_inputs
 
 # Everything ONNX Runtime raises for a graph it cannot load or run (one class per status code): a failed check.
 _ORT_ERRORS = tuple(v for v in vars(ort_errors).values() if isinstance(v, type) and issubclass(v, Exception))

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vera_export import MergeOptions, merge, verify
-from vera_export.verify import ulp
+from vera_export.verification import ulp
 
 from tests.helpers import adapter_dir, base_dir, load_peft
 

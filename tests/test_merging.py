@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from vera_export import MergeOptions, load_adapter, merge, merge_into, unmerge
 from vera_export.plan import build_plan
 from vera_export.safetensors_io import ShardedTensorIndex
-from vera_export.verify import ulp
+from vera_export.verification import ulp
 
 from tests.helpers import ALL_ADAPTERS, adapter_dir, base_dir, load_base, load_peft, outputs, sample_inputs
 
