@@ -1,6 +1,7 @@
 """Tests for vera_export.safetensors_io, with the `safetensors` library as the reference for every format rule."""
 
 import errno
+import fcntl
 import json
 import math
 import os
@@ -280,15 +281,17 @@ def source(tmp_path) -> tuple[Path, dict[str, torch.Tensor]]:
     return path, tensors
 
 
-def copy_all(source_path: Path, out_path: Path) -> None:
+def copy_all(source_path: Path, out_path: Path, direct: bool = True) -> None:
     infos, metadata = read_header(source_path)
-    with SafetensorsWriter(out_path, [(i.name, i.dtype, i.shape) for i in infos.values()], metadata) as w:
+    entries = [(i.name, i.dtype, i.shape) for i in infos.values()]
+    with SafetensorsWriter(out_path, entries, metadata, direct=direct) as w:
         for info in infos.values():
             w.copy_from(info.name, info)
 
 
-def test_copy_from_is_byte_identical(tmp_path, source):
-    copy_all(source[0], tmp_path / "out.safetensors")
+@pytest.mark.parametrize("direct", [True, False])
+def test_copy_from_is_byte_identical(tmp_path, source, direct):
+    copy_all(source[0], tmp_path / "out.safetensors", direct=direct)
     assert (tmp_path / "out.safetensors").read_bytes() == source[0].read_bytes()
 
 
@@ -313,7 +316,7 @@ def test_copy_from_fallback_is_byte_identical(tmp_path, source, monkeypatch, mod
     else:
         monkeypatch.setattr(os, "copy_file_range", refusing_copy, raising=False)
 
-    copy_all(source[0], tmp_path / "out.safetensors")
+    copy_all(source[0], tmp_path / "out.safetensors", direct=False)
 
     assert (tmp_path / "out.safetensors").read_bytes() == source[0].read_bytes()
     assert bool(calls) == (mode != "no_copy_file_range")
@@ -327,15 +330,15 @@ def test_copy_from_keeps_other_os_errors(tmp_path, source, monkeypatch):
     info = read_header(source[0])[0]["norm"]
     with (
         pytest.raises(OSError) as caught,
-        SafetensorsWriter(tmp_path / "o.safetensors", [("norm", info.dtype, info.shape)]) as w,
+        SafetensorsWriter(tmp_path / "o.safetensors", [("norm", info.dtype, info.shape)], direct=False) as w,
     ):
         w.copy_from("norm", info)
     assert caught.value.errno == errno.EIO
 
 
-@pytest.mark.parametrize("kernel_copy", [True, False])
+@pytest.mark.parametrize("kernel_copy", [True, False, "direct"])
 def test_copy_from_truncated_source_names_file_and_tensor(tmp_path, source, monkeypatch, kernel_copy):
-    if not kernel_copy:
+    if kernel_copy is False:
         monkeypatch.delattr(os, "copy_file_range", raising=False)
     elif not hasattr(os, "copy_file_range"):
         pytest.skip("needs os.copy_file_range")
@@ -346,7 +349,9 @@ def test_copy_from_truncated_source_names_file_and_tensor(tmp_path, source, monk
 
     with (
         pytest.raises(CheckpointError, match="truncated") as caught,
-        SafetensorsWriter(tmp_path / "o.safetensors", [(info.name, info.dtype, info.shape)]) as w,
+        SafetensorsWriter(
+            tmp_path / "o.safetensors", [(info.name, info.dtype, info.shape)], direct=kernel_copy == "direct"
+        ) as w,
     ):
         w.copy_from(info.name, info)
     assert path.name in str(caught.value)
@@ -910,3 +915,56 @@ def test_fuzz_random_headers(tmp_path, case):
     header, data_len = case
     path = write_raw(tmp_path / "fuzz.safetensors", header, bytes(range(256))[: max(data_len, 0)])
     check_against_library(path)
+
+
+def _mixed_write(path: Path, direct: bool) -> dict[str, torch.Tensor]:
+    """Tensors of awkward sizes around the direct-write chunk, written one by one."""
+    chunk = safetensors_io.DIRECT_CHUNK_BYTES
+    tensors = {
+        "odd": random_tensor(torch.bfloat16, (3, 5), 1),
+        "chunk_plus": random_tensor(torch.uint8, (chunk + 7,), 2),
+        "two_chunks": random_tensor(torch.float32, (chunk // 2 + 3,), 3),
+        "scalar": random_tensor(torch.float64, (), 4),
+    }
+    entries = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    with SafetensorsWriter(path, entries, {"format": "pt"}, direct=direct) as w:
+        for name, tensor in tensors.items():
+            w.write(name, tensor)
+    return tensors
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_direct_and_buffered_writes_give_the_library_bytes(tmp_path, direct):
+    tensors = _mixed_write(tmp_path / "ours.safetensors", direct)
+    save_file(tensors, tmp_path / "lib.safetensors", metadata={"format": "pt"})
+    loaded = load_file(tmp_path / "ours.safetensors")
+    assert all(torch.equal(loaded[n].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)) for n, t in tensors.items())
+
+
+def test_direct_write_falls_back_when_the_filesystem_refuses(tmp_path, monkeypatch):
+    """O_DIRECT refused at open (tmpfs) or only at the first write: same bytes, through the page cache."""
+    expected = _mixed_write(tmp_path / "reference.safetensors", direct=False)
+    real_open, real_write = os.open, os.write
+
+    def refusing_open(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    _mixed_write(tmp_path / "a.safetensors", direct=True)
+    monkeypatch.setattr(os, "open", real_open)
+    refused = []
+
+    def refusing_write(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", refusing_write)
+    _mixed_write(tmp_path / "b.safetensors", direct=True)
+    reference = (tmp_path / "reference.safetensors").read_bytes()
+    assert (tmp_path / "a.safetensors").read_bytes() == reference == (tmp_path / "b.safetensors").read_bytes()
+    assert refused or not hasattr(os, "O_DIRECT")
+    assert load_file(tmp_path / "b.safetensors").keys() == expected.keys()

@@ -8,8 +8,10 @@ before anything is allocated from it, and the acceptance rules match the `safete
 """
 
 import errno
+import fcntl
 import json
 import math
+import mmap
 import os
 import stat
 import struct
@@ -29,6 +31,10 @@ INDEX_NAME = "model.safetensors.index.json"
 # The `safetensors` library refuses headers above this size (its MAX_HEADER_SIZE); so do we.
 MAX_HEADER_BYTES = 100_000_000
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
+# Direct writes go out in chunks of this size from one page-aligned buffer; buffered writes in pieces of at most
+# WRITE_PIECE_BYTES, which the kernel copies about twice as fast as one huge write (measured, 23 MB against 1 MB).
+DIRECT_CHUNK_BYTES = 8 * 1024 * 1024
+WRITE_PIECE_BYTES = 1024 * 1024
 # The library parses sizes into u64 and multiplies with overflow checks; torch sizes are signed 64-bit.
 _U64_LIMIT = 2**64
 _MAX_DIM = 2**63 - 1
@@ -586,12 +592,6 @@ def _check_info(info: TensorInfo) -> None:
         )
 
 
-def _write_all(f: BinaryIO, data: memoryview) -> None:
-    # A raw write may be partial (Linux writes at most ~2 GiB per call; an embedding table can be larger).
-    while len(data):
-        data = data[f.write(data) :]
-
-
 def _encode_header(
     entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None
 ) -> bytes:
@@ -640,6 +640,7 @@ class SafetensorsWriter:
         entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
         metadata: dict[str, str] | None = None,
         fsync: bool = False,
+        direct: bool = True,
     ) -> None:
         """Creates the file and writes its header.
 
@@ -648,6 +649,7 @@ class SafetensorsWriter:
             entries: (name, dtype, shape) of every tensor, in the order they will be written.
             metadata: ``__metadata__`` for the header, e.g. ``{"format": "pt"}``; None writes none.
             fsync: Make `close` wait until the data is on disk (durability across power loss, at disk speed).
+            direct: Write around the page cache (O_DIRECT) where the platform and filesystem allow it.
 
         Raises:
             ValueError: Repeated or reserved names, bad shapes, dtypes safetensors cannot store.
@@ -657,12 +659,11 @@ class SafetensorsWriter:
         self._entries = [(name, dtype, tuple(shape)) for name, dtype, shape in entries]
         header = _encode_header(self._entries, metadata)
         self._next = 0
-        # Unbuffered: copy_file_range writes at the descriptor's position, which a buffer would get ahead of.
-        self._file: BinaryIO = open(self.path, "wb", buffering=0)  # noqa: SIM115
+        self._file = _OutputFile(self.path, direct)
         try:
-            _write_all(self._file, memoryview(header))
+            self._file.write(memoryview(header))
         except BaseException:
-            self._file.close()
+            self._file.abort()
             raise
 
     def _expect(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
@@ -690,7 +691,7 @@ class SafetensorsWriter:
         self._expect(name, tensor.dtype, tuple(tensor.shape))
         # contiguous() copies only when needed; viewing the flat tensor as bytes works for every dtype (bf16 too).
         tensor = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous()
-        _write_all(self._file, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        self._file.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
         self._next += 1
 
     def copy_from(self, name: str, info: TensorInfo) -> None:
@@ -710,7 +711,7 @@ class SafetensorsWriter:
             ) from e
         # Errors while copying stay OSError: with copy_file_range a failure may be the output disk's (ENOSPC).
         with src:
-            _copy_range(src, info, self._file)
+            self._file.copy(src, info)
         self._next += 1
 
     def close(self) -> None:
@@ -728,11 +729,9 @@ class SafetensorsWriter:
                     f"{self.path}: closed before writing {len(unwritten)} declared tensors: "
                     f"{_listing([repr(n) for n in unwritten])}"
                 )
-            self._file.flush()
-            if self.fsync:
-                os.fsync(self._file.fileno())
+            self._file.close(self.fsync)
         finally:
-            self._file.close()
+            self._file.abort()
 
     def __enter__(self) -> Self:
         return self
@@ -743,33 +742,133 @@ class SafetensorsWriter:
         if exc_type is None:
             self.close()
         else:
-            self._file.close()
+            self._file.abort()
 
 
-def _copy_range(src: BinaryIO, info: TensorInfo, dst: BinaryIO) -> None:
-    """Copies `info`'s bytes from `src` to the current position of `dst`, in the kernel when it can."""
-    done = 0
-    if hasattr(os, "copy_file_range"):
-        try:
+class _OutputFile:
+    """A file written straight to the disk (O_DIRECT) where the platform allows it, else through the page cache.
+
+    Through the page cache, writing costs kernel CPU time that the merge's arithmetic needs: on a 2-core VM we
+    measured 3.7 s per GB in 23 MB writes and 1.9 s in 1 MB writes, against 0.15 s with O_DIRECT. O_DIRECT needs
+    block-aligned offsets, lengths and memory, so bytes are gathered in a page-aligned buffer and written in full
+    chunks; the unaligned tail is written after turning O_DIRECT off. A filesystem that refuses O_DIRECT (at open
+    or at the first write) gets buffered writes instead.
+    """
+
+    def __init__(self, path: Path, direct: bool) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        o_direct = getattr(os, "O_DIRECT", 0) if direct else 0
+        self.fd = -1
+        if o_direct:
+            try:
+                self.fd = os.open(path, flags | o_direct, 0o666)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+        self.direct = self.fd >= 0
+        if not self.direct:
+            self.fd = os.open(path, flags, 0o666)
+        self.buffer = mmap.mmap(-1, DIRECT_CHUNK_BYTES) if self.direct else None
+        self.view = memoryview(self.buffer) if self.direct else None
+        self.fill = 0
+        self.closed = False
+
+    def write(self, data: memoryview) -> None:
+        data = data.cast("B")
+        if not self.direct:
+            self._drain()
+            _write_fd(self.fd, data)
+            return
+        while len(data):
+            n = min(len(data), DIRECT_CHUNK_BYTES - self.fill)
+            self.view[self.fill : self.fill + n] = data[:n]
+            self.fill += n
+            data = data[n:]
+            if self.fill == DIRECT_CHUNK_BYTES:
+                self._flush()
+
+    def copy(self, src: BinaryIO, info: TensorInfo) -> None:
+        """Appends `info`'s bytes from `src`: into the buffer when direct, else in the kernel when it can."""
+        done = 0
+        if self.direct:
             while done < info.nbytes:
-                # No dst offset: the kernel writes at dst's position and advances it, as write() would.
-                n = os.copy_file_range(src.fileno(), dst.fileno(), info.nbytes - done, info.offset + done)
-                if n == 0:
-                    break  # end of file, or a filesystem that copies nothing this way: the loop below tells
-                done += n
+                n = min(info.nbytes - done, DIRECT_CHUNK_BYTES - self.fill)
+                got = os.preadv(src.fileno(), [self.view[self.fill : self.fill + n]], info.offset + done)
+                if not got:
+                    raise _truncated(info, done)
+                self.fill += got
+                done += got
+                if self.fill == DIRECT_CHUNK_BYTES:
+                    self._flush()
+            return
+        self._drain()
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < info.nbytes:
+                    # No dst offset: the kernel writes at dst's position and advances it, as write() would.
+                    n = os.copy_file_range(src.fileno(), self.fd, info.nbytes - done, info.offset + done)
+                    if n == 0:
+                        break  # end of file, or a filesystem that copies nothing this way: the loop below tells
+                    done += n
+            except OSError as e:
+                if e.errno not in _COPY_FALLBACK_ERRNOS:
+                    raise
+        if done == info.nbytes:
+            return
+        chunk = memoryview(bytearray(min(COPY_CHUNK_BYTES, info.nbytes - done)))
+        src.seek(info.offset + done)
+        while done < info.nbytes:
+            n = src.readinto(chunk[: info.nbytes - done])
+            if not n:
+                raise _truncated(info, done)
+            _write_fd(self.fd, chunk[:n])
+            done += n
+
+    def _flush(self) -> None:
+        try:
+            _write_fd(self.fd, self.view[: self.fill])
         except OSError as e:
-            if e.errno not in _COPY_FALLBACK_ERRNOS:
+            if e.errno != errno.EINVAL:
                 raise
-    if done == info.nbytes:
-        return
-    chunk = memoryview(bytearray(min(COPY_CHUNK_BYTES, info.nbytes - done)))
-    src.seek(info.offset + done)
-    while done < info.nbytes:
-        n = src.readinto(chunk[: info.nbytes - done])
-        if not n:
-            raise _truncated(info, done)
-        _write_all(dst, chunk[:n])
-        done += n
+            self._buffered()  # the filesystem takes O_DIRECT at open but not at write
+            _write_fd(self.fd, self.view[: self.fill])
+        self.fill = 0
+
+    def _drain(self) -> None:
+        """Write what the buffer still holds after O_DIRECT was turned off mid-file, before anything else."""
+        if self.fill:
+            _write_fd(self.fd, self.view[: self.fill])
+            self.fill = 0
+
+    def _buffered(self) -> None:
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
+
+    def close(self, fsync: bool) -> None:
+        """Writes what is buffered, optionally fsyncs, and closes; `abort` afterwards is harmless."""
+        if self.direct:
+            self._buffered()  # for the unaligned tail
+        self._drain()
+        if fsync:
+            os.fsync(self.fd)
+        self.abort()
+
+    def abort(self) -> None:
+        """Closes without writing what is buffered."""
+        if self.closed:
+            return
+        self.closed = True
+        os.close(self.fd)
+        if self.buffer is not None:
+            self.view.release()
+            self.buffer.close()
+
+
+def _write_fd(fd: int, data: memoryview) -> None:
+    # In pieces: a raw write may be partial, and the kernel copies 1 MB pieces faster than one huge write.
+    data = data.cast("B")
+    while len(data):
+        data = data[os.write(fd, data[:WRITE_PIECE_BYTES]) :]
 
 
 def save_tensors(
