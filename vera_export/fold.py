@@ -91,8 +91,8 @@ def fold(
 ) -> torch.Tensor:
     """Return `weight + alpha * left @ right`, within 1 ulp of exact, in `weight.dtype`.
 
-    Per block of rows: the weight is copied into a buffer of the compute dtype (see `compute_dtype`), the product
-    is accumulated onto it with one `addmm_`, and the block is rounded to the weight's dtype. The few
+    Per block of rows: the product is formed in the compute dtype (see `compute_dtype`) with one matrix
+    multiplication, the weight is added with one rounding, and the block is rounded to the weight's dtype. The few
     elements whose result the compute precision cannot vouch for are noted on the way and recomputed at the end
     (see `_CancellationGuard`).
 
@@ -113,7 +113,8 @@ def fold(
     if out is None:
         out = torch.empty_like(weight)
     dtype = compute_dtype(weight.dtype)
-    left = left * alpha  # exact: alpha is +-1
+    if alpha != 1:
+        left = left * alpha  # exact: alpha is +-1
     guard = _CancellationGuard(weight.dtype, dtype, left, right)
     left_c, right_c = left.to(dtype), right.to(dtype)
     rows = weight.shape[0]
@@ -123,8 +124,8 @@ def fold(
     for start in range(0, rows, block_rows):
         stop = min(start + block_rows, rows)
         block = buffer[: stop - start]
-        block.copy_(weight[start:stop])
-        block.addmm_(left_c[start:stop], right_c)
+        torch.mm(left_c[start:stop], right_c, out=block)
+        block.add_(weight[start:stop])
         guard.inspect(block, weight[start:stop], start, scratch[: stop - start])
         out[start:stop].copy_(block)
     guard.repair(out)
@@ -134,14 +135,14 @@ def fold(
 class _CancellationGuard:
     """Finds the elements whose computed sum may be more than 1 ulp (of the output dtype) off, and fixes them.
 
-    With unit roundoff `u` of the compute dtype, `k` terms and exact factors `l`, `r`, the computed
-    `y = W + sum_k l_k r_k` (factors rounded to the compute dtype, the weight and the products accumulated in any
-    order) is within `E = gamma_{k+3} * (|W| + S)` of the exact `x`, where `S = sum_k |l_k r_k| <= ||l_i|| ||r_j||`.
-    As `|W| <= |y| + E + S`, `E <= g * (|y| + 2 S)` with `g = gamma_{k+3} / (1 - gamma_{k+3})`. Rounding `y` to a
-    dtype with `p` significand bits is within 1 ulp of `x` whenever `E <= m |y|` with `m = 2**-(p + 1)`, so an
-    element can need repair only if `|y_ij| < K ||l_i|| ||r_j||` with `K = 2 g / (m - g)`: one rank-1 update and
-    one reduction per block find out. Those elements are recomputed in float64 from the exact factors and, where
-    even that cannot vouch for the result, exactly.
+    With unit roundoff `u` of the compute dtype, `k` terms and exact factors `l`, `r`, the computed product
+    (factors rounded to the compute dtype, products accumulated in any order) is within `gamma_{k+2} S` of exact,
+    where `S = sum_k |l_k r_k| <= ||l_i|| ||r_j||`, and adding the weight rounds once more, by at most
+    `u |y| / (1 - u)`. Rounding the sum `y` to a dtype with `p` significand bits is within 1 ulp of exact whenever
+    the error is at most `m |y|` with `m = 2**-(p + 1)`. So an element can need repair only if
+    `|y_ij| < K ||l_i|| ||r_j||` with `K = gamma_{k+2} / (m - 2u)`: one rank-1 update and one reduction per block
+    find out. Those elements are recomputed in float64 from the exact factors and, where even that cannot vouch
+    for the result, exactly.
     """
 
     def __init__(self, out_dtype: torch.dtype, dtype: torch.dtype, left: torch.Tensor, right: torch.Tensor) -> None:
@@ -153,9 +154,9 @@ class _CancellationGuard:
         info = torch.finfo(out_dtype)
         half_spacing = info.eps * 2.0 ** (math.floor(math.log2(info.max)) - 1)
         self.overflow = info.max + half_spacing
-        g = gamma(k + 3, dtype) / (1 - gamma(k + 3, dtype))
+        u = torch.finfo(dtype).eps / 2
         # 1 + 2**-10 on top: the test itself is computed in the compute dtype.
-        self.scale = 2 * g / (self.margin - g) * (1 + 2.0**-10)
+        self.scale = gamma(k + 2, dtype) / (self.margin - 2 * u) * (1 + 2.0**-10)
         self.gamma64 = gamma(k + 2, torch.float64)
         self.exact_compute = dtype == torch.float64
         self.left, self.right = left, right
@@ -173,9 +174,14 @@ class _CancellationGuard:
         if self.may_overflow and not scratch.amax() < self.overflow and torch.isfinite(weight).all():
             raise FloatingPointError(f"overflows {self.out_dtype} (or gives NaN) in rows {start}-{start + len(block) - 1}")
         scratch.addr_(self.row_norms_c[start : start + len(block)], self.col_norms_c, alpha=-self.scale)
-        if block.numel() == 0 or not scratch.amin() < 0:
+        if block.numel() == 0:
             return
-        i, j = (scratch < 0).nonzero(as_tuple=True)
+        # Suspects are rare and scattered: find their rows first, then look only there.
+        rows = (scratch.amin(dim=1) < 0).nonzero().flatten()
+        if rows.numel() == 0:
+            return
+        where = (scratch[rows] < 0).nonzero()
+        i, j = rows[where[:, 0]], where[:, 1]
         w = weight[i, j].double()
         if not self.exact_compute and i.numel() > block.numel() // _DENSE:
             # Many candidates (a delta as large as the weights): one float64 product beats gathering rows.
@@ -192,14 +198,15 @@ class _CancellationGuard:
         if not self.suspects:
             return
         i, j, w = (torch.cat(parts) for parts in zip(*self.suspects))
+        right_t = self.right.T.contiguous()  # gathering rows of it reads contiguous memory
         for ci, cj, cw in zip(i.split(_CHUNK), j.split(_CHUNK), w.split(_CHUNK)):
             if not self.exact_compute:
-                recomputed = (self.left[ci] * self.right[:, cj].T).sum(dim=1).add_(cw)
+                recomputed = (self.left[ci] * right_t[cj]).sum(dim=1).add_(cw)
                 safe = self._safe(ci, cj, cw, recomputed)
                 out[ci[safe], cj[safe]] = recomputed[safe].to(out.device, out.dtype)
                 ci, cj, cw = ci[~safe], cj[~safe], cw[~safe]
             if ci.numel():
-                exact = _exact_sums(cw, self.left[ci], self.right[:, cj].T)
+                exact = _exact_sums(cw, self.left[ci], right_t[cj])
                 out[ci, cj] = exact.to(out.device, out.dtype)
 
     def _safe(self, i: torch.Tensor, j: torch.Tensor, w: torch.Tensor, recomputed: torch.Tensor) -> torch.Tensor:
