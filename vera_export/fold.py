@@ -4,7 +4,7 @@ For a layer with `in_features` inputs and `out_features` outputs, VeRA's weight 
 
     delta_W = diag(lambda_b) @ vera_B[:out, :] @ diag(lambda_d) @ vera_A[:, :in]
 
-(transposed when the weight is stored `[in, out]`). It is a rank-r product `left @ right` with
+(transposed when the weight is stored `[in, out]`; see `VeraDelta`). It is a rank-r product `left @ right` with
 `left = lambda_b * vera_B` and `right = lambda_d * vera_A`; several adapters on one layer are one product of
 concatenated factors, so any number of adapters costs a single rounding.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -47,59 +48,71 @@ def compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
         raise TypeError(f"cannot fold into a {weight_dtype} weight; only floating point weights are adapted") from None
 
 
-@torch.no_grad()
-def layer_factors(
-    lambda_b: torch.Tensor,
-    lambda_d: torch.Tensor,
-    vera_A: torch.Tensor,
-    vera_B: torch.Tensor,
-    in_features: int,
-    out_features: int,
-    fan_in_fan_out: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's `delta_W` as `left @ right` in the weight's storage layout, in float64.
+@dataclass(frozen=True)
+class VeraDelta:
+    """One adapter's change to one weight: `diag(lambda_b) @ vera_B[:out] @ diag(lambda_d) @ vera_A[:, :in]`.
 
-    The products `lambda_b * vera_B` and `lambda_d * vera_A` of float32 (or narrower) values are exact in
-    float64, so the factors carry the adapter's delta without any rounding.
-
-    Returns:
-        `(left, right)` of shapes (rows, r) and (r, cols), where (rows, cols) is the weight's stored shape.
+    Transposed when `fan_in_fan_out` (the weight is stored `[in, out]`). The projections are the shared, unsliced
+    tensors. Products of two float32 (or narrower) values are exact in float64, so `factors(torch.float64)` and
+    the rows and columns below carry the delta without any rounding.
     """
-    device = vera_A.device
-    scaled_B = lambda_b.to(device, torch.float64)[:, None] * vera_B[:out_features].double()
-    scaled_A = lambda_d.to(device, torch.float64)[:, None] * vera_A[:, :in_features].double()
-    if fan_in_fan_out:
-        return scaled_A.T, scaled_B.T
-    return scaled_B, scaled_A
+
+    lambda_b: torch.Tensor
+    lambda_d: torch.Tensor
+    vera_A: torch.Tensor
+    vera_B: torch.Tensor
+    in_features: int
+    out_features: int
+    fan_in_fan_out: bool = False
+
+    def factors(self, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(left, right)` with `left @ right = delta_W` in the weight's layout, each product rounded once to `dtype`.
+
+        Shapes (rows, r) and (r, cols), where (rows, cols) is the weight's stored shape.
+        """
+        device = self.vera_A.device
+        scaled_B = _scale(self.lambda_b.to(device), self.vera_B[: self.out_features], dtype)
+        scaled_A = _scale(self.lambda_d.to(device), self.vera_A[:, : self.in_features], dtype)
+        return (scaled_A.T, scaled_B.T) if self.fan_in_fan_out else (scaled_B, scaled_A)
+
+    def left_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Exact float64 rows `rows` of `left`, shape (len(rows), r)."""
+        if self.fan_in_fan_out:
+            return (self.lambda_d.double()[:, None] * torch.index_select(self.vera_A, 1, rows).double()).T
+        return self.lambda_b[rows].double()[:, None] * self.vera_B[rows].double()
+
+    def right_columns(self, columns: torch.Tensor) -> torch.Tensor:
+        """Exact float64 columns `columns` of `right`, as rows: shape (len(columns), r)."""
+        if self.fan_in_fan_out:
+            return self.lambda_b[columns].double()[:, None] * self.vera_B[columns].double()
+        return (self.lambda_d.double()[:, None] * torch.index_select(self.vera_A, 1, columns).double()).T
 
 
-def stack_factors(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Several adapters' factors on one layer as one product: the sum of their deltas."""
-    if len(factors) == 1:
-        return factors[0]
-    return torch.cat([left for left, _ in factors], dim=1), torch.cat([right for _, right in factors], dim=0)
+def _scale(vector: torch.Tensor, matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.float64:
+        return vector.double()[:, None] * matrix.double()
+    # In float32 the product rounds once either way; skipping the float64 detour saves a pass per layer.
+    return vector.to(dtype)[:, None] * matrix.to(dtype)
 
 
 @torch.no_grad()
 def fold(
     weight: torch.Tensor,
-    left: torch.Tensor,
-    right: torch.Tensor,
+    deltas: Sequence[VeraDelta],
     alpha: float = 1.0,
     out: torch.Tensor | None = None,
     block_rows: int = 512,
 ) -> torch.Tensor:
-    """Return `weight + alpha * left @ right`, within 1 ulp of exact, in `weight.dtype`.
+    """Return `weight + alpha * sum(deltas)`, within 1 ulp of exact, in `weight.dtype`.
 
-    Per block of rows: the product is formed in the compute dtype (see `compute_dtype`) with one matrix
-    multiplication, the weight is added with one rounding, and the block is rounded to the weight's dtype. The few
-    elements whose result the compute precision cannot vouch for are noted on the way and recomputed at the end
-    (see `_CancellationGuard`).
+    Several deltas are one product of concatenated factors. Per block of rows: the product is formed in the
+    compute dtype (see `compute_dtype`) with one matrix multiplication, the weight is added with one rounding, and
+    the block is rounded to the weight's dtype. The few elements whose result the compute precision cannot vouch
+    for are noted on the way and recomputed at the end from exact factors (see `_CancellationGuard`).
 
     Args:
         weight: The stored weight, on the device to compute on; not modified unless it is also `out`.
-        left: (rows, k) float64 factor, same device (from `layer_factors` / `stack_factors`).
-        right: (k, cols) float64 factor.
+        deltas: The adapters' changes to this weight, their tensors on the same device.
         alpha: 1 to merge, -1 to unmerge.
         out: Where to write the result (may be `weight` itself); a new tensor like `weight` when None.
         block_rows: Rows per block; bounds the scratch buffers to `2 * block_rows * cols` elements.
@@ -113,10 +126,12 @@ def fold(
     if out is None:
         out = torch.empty_like(weight)
     dtype = compute_dtype(weight.dtype)
+    factors = [delta.factors(dtype) for delta in deltas]
+    left_c = torch.cat([left for left, _ in factors], dim=1) if len(factors) > 1 else factors[0][0]
+    right_c = torch.cat([right for _, right in factors], dim=0) if len(factors) > 1 else factors[0][1]
     if alpha != 1:
-        left = left * alpha  # exact: alpha is +-1
-    guard = _CancellationGuard(weight.dtype, dtype, left, right)
-    left_c, right_c = left.to(dtype), right.to(dtype)
+        left_c = left_c * alpha  # exact: alpha is +-1
+    guard = _CancellationGuard(weight.dtype, dtype, left_c, right_c, deltas, alpha)
     rows = weight.shape[0]
     shape = (min(block_rows, rows), weight.shape[1])
     buffer = torch.empty(shape, dtype=dtype, device=weight.device)
@@ -145,7 +160,15 @@ class _CancellationGuard:
     for the result, exactly.
     """
 
-    def __init__(self, out_dtype: torch.dtype, dtype: torch.dtype, left: torch.Tensor, right: torch.Tensor) -> None:
+    def __init__(
+        self,
+        out_dtype: torch.dtype,
+        dtype: torch.dtype,
+        left: torch.Tensor,
+        right: torch.Tensor,
+        deltas: Sequence[VeraDelta],
+        alpha: float,
+    ) -> None:
         k = left.shape[1]
         self.margin = 2.0 ** -(_SIGNIFICAND_BITS[out_dtype] + 1)
         self.out_dtype = out_dtype
@@ -159,14 +182,23 @@ class _CancellationGuard:
         self.scale = gamma(k + 2, dtype) / (self.margin - 2 * u) * (1 + 2.0**-10)
         self.gamma64 = gamma(k + 2, torch.float64)
         self.exact_compute = dtype == torch.float64
-        self.left, self.right = left, right
-        # Norms in float64, nudged up so their own rounding cannot make the bound too small.
-        self.row_norms = left.norm(dim=1) * (1 + 2.0**-20)
-        self.col_norms = right.norm(dim=0) * (1 + 2.0**-20)
+        self.deltas, self.alpha = deltas, alpha
+        # Norms nudged up by more than their own rounding error and the factors' rounding to the compute dtype
+        # could take off, so the bound never comes out too small.
+        nudge = 1 + 2 * gamma(k + 2, dtype)
+        self.row_norms = left.norm(dim=1).double() * nudge
+        self.col_norms = right.norm(dim=0).double() * nudge
         self.row_norms_c, self.col_norms_c = self.row_norms.to(dtype), self.col_norms.to(dtype)
         largest_delta = (self.row_norms.max() * self.col_norms.max()).item() if left.numel() and right.numel() else 0.0
         self.may_overflow = largest_delta >= half_spacing
         self.suspects: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, cols, weight values)
+        self._all_columns: torch.Tensor | None = None
+
+    def _exact_left(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([delta.left_rows(rows) for delta in self.deltas], dim=1) * self.alpha
+
+    def _exact_right(self, columns: torch.Tensor) -> torch.Tensor:
+        return torch.cat([delta.right_columns(columns) for delta in self.deltas], dim=1)
 
     def inspect(self, block: torch.Tensor, weight: torch.Tensor, start: int, scratch: torch.Tensor) -> None:
         """Note the elements of one computed block that may need repair (a few passes over the block)."""
@@ -184,8 +216,11 @@ class _CancellationGuard:
         i, j = rows[where[:, 0]], where[:, 1]
         w = weight[i, j].double()
         if not self.exact_compute and i.numel() > block.numel() // _DENSE:
-            # Many candidates (a delta as large as the weights): one float64 product beats gathering rows.
-            recomputed = torch.addmm(weight.double(), self.left[start : start + len(block)], self.right)[i, j]
+            # Many suspects (a delta as large as the weights): one float64 product beats gathering rows.
+            if self._all_columns is None:
+                self._all_columns = self._exact_right(torch.arange(block.shape[1], device=block.device)).T
+            block_rows = torch.arange(start, start + len(block), device=block.device)
+            recomputed = torch.addmm(weight.double(), self._exact_left(block_rows), self._all_columns)[i, j]
             safe = self._safe(start + i, j, w, recomputed)
             block[i[safe], j[safe]] = recomputed[safe].to(block.dtype)
             i, j, w = i[~safe], j[~safe], w[~safe]
@@ -194,20 +229,20 @@ class _CancellationGuard:
         self.suspects.append((start + i, j, w))
 
     def repair(self, out: torch.Tensor) -> None:
-        """Recompute every noted element, rounding straight from float64 (or exact) into `out`."""
+        """Recompute every noted element from exact factors, rounding straight from float64 (or exact) into `out`."""
         if not self.suspects:
             return
         i, j, w = (torch.cat(parts) for parts in zip(*self.suspects))
-        right_t = self.right.T.contiguous()  # gathering rows of it reads contiguous memory
         for ci, cj, cw in zip(i.split(_CHUNK), j.split(_CHUNK), w.split(_CHUNK)):
+            left, right = self._exact_left(ci), self._exact_right(cj)
             if not self.exact_compute:
-                recomputed = (self.left[ci] * right_t[cj]).sum(dim=1).add_(cw)
+                recomputed = (left * right).sum(dim=1).add_(cw)
                 safe = self._safe(ci, cj, cw, recomputed)
                 out[ci[safe], cj[safe]] = recomputed[safe].to(out.device, out.dtype)
-                ci, cj, cw = ci[~safe], cj[~safe], cw[~safe]
+                unsafe = ~safe
+                ci, cj, cw, left, right = ci[unsafe], cj[unsafe], cw[unsafe], left[unsafe], right[unsafe]
             if ci.numel():
-                exact = _exact_sums(cw, self.left[ci], right_t[cj])
-                out[ci, cj] = exact.to(out.device, out.dtype)
+                out[ci, cj] = _exact_sums(cw, left, right).to(out.device, out.dtype)
 
     def _safe(self, i: torch.Tensor, j: torch.Tensor, w: torch.Tensor, recomputed: torch.Tensor) -> torch.Tensor:
         """Whether float64 vouches for each recomputed element (same test, with float64's error bound)."""

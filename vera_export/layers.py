@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import VeraAdapter, load_adapter
-from .fold import fold, stack_factors
+from .fold import fold
 from .plan import Plan, build_plan
 from .projections import Rounding
 
@@ -137,8 +137,7 @@ def _plan(model: nn.Module, adapters: Sequence[str | Path | VeraAdapter], roundi
 def _fold_in_place(model: nn.Module, plan: Plan, alpha: float) -> None:
     for name, deltas in plan.deltas.items():
         weight = model.get_parameter(name)
-        factors = [d.factors(weight.device) for d in deltas]
-        fold(weight.data, *stack_factors(factors), alpha=alpha, out=weight.data)
+        fold(weight.data, [d.delta(weight.device) for d in deltas], alpha=alpha, out=weight.data)
 
 
 def _copy_replacements(model: nn.Module, plan: Plan) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from .adapter import VeraAdapter, load_adapter
 from .errors import CheckpointError
-from .fold import fold, stack_factors
+from .fold import fold
 from .options import MergeOptions
 from .outputs import staged_output
 from .plan import LayerDelta, build_plan
@@ -167,9 +167,9 @@ def rewrite_tensors(
     def fold_item(item: _Item) -> _Item:
         name = item.info.name
         if item.folded:
-            left, right = stack_factors([delta.factors(device) for delta in deltas[name]])
             try:
-                fold(item.tensor.to(device), left, right, alpha=alpha, out=item.tensor, block_rows=block_rows)
+                layer_deltas = [delta.delta(device) for delta in deltas[name]]
+                fold(item.tensor.to(device), layer_deltas, alpha=alpha, out=item.tensor, block_rows=block_rows)
             except FloatingPointError as exc:
                 raise CheckpointError(f"{name}: the merge {exc}; check the adapter's lambdas") from None
         return item

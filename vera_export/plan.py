@@ -15,7 +15,7 @@ import torch
 
 from .adapter import VeraAdapter
 from .errors import IncompatibleAdapterError
-from .fold import layer_factors
+from .fold import VeraDelta
 from .projections import Rounding, generate_projections
 from .targets import TargetLayer, match_layers, projection_dims, untrained_targets
 
@@ -46,18 +46,22 @@ class LayerDelta:
     lambda_d: torch.Tensor
     projections: Projections
 
-    def factors(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """`delta_W = left @ right` in the weight's layout, exact in float64 (see `fold.layer_factors`)."""
+    def delta(self, device: torch.device | str = "cpu") -> VeraDelta:
+        """The change to the layer's weight, for `fold.fold`, with its tensors on `device`."""
         t = self.target
-        return layer_factors(
-            self.lambda_b,
-            self.lambda_d,
+        return VeraDelta(
+            self.lambda_b.to(device),
+            self.lambda_d.to(device),
             self.projections.vera_A.to(device),
             self.projections.vera_B.to(device),
             t.in_features,
             t.out_features,
             t.fan_in_fan_out,
         )
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`delta_W = left @ right` in the weight's layout, exact in float64."""
+        return self.delta().factors(torch.float64)
 
 
 @dataclass
