@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import AdapterError, VeraExportWarning
+from .errors import AdapterError
 from .safetensors_io import ShardedTensorIndex, load_tensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -235,8 +234,6 @@ def _assemble(path: Path, config: VeraConfig, tensors: dict[str, torch.Tensor]) 
 
     if problems:
         raise AdapterError(f"{file}: " + "; ".join(problems))
-    for note in notes:
-        warnings.warn(f"{path}: {note}", VeraExportWarning, stacklevel=2)
     return VeraAdapter(path, config, layers, vera_A, vera_B, replacements, notes)
 
 

@@ -331,6 +331,7 @@ def to_lora_command(base, adapter, output, rank, dtype, force, allow_pickle, rou
     """
     options = MergeOptions(force=force, allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=False)
     report = to_lora(base, adapter, output, rank=rank, dtype=dtype, options=options)
+    _warn(report.warnings)
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.text())
 
 

@@ -14,7 +14,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from .adapter import (
     CONFIG_NAME,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .adapter import CONFIG_NAME, PROJECTION_KEYS, WEIGHTS_NAME, VeraAdapter, load_adapter, read_adapter_tensors
-from .errors import AdapterError, VeraExportWarning
+from .errors import AdapterError
 from .options import MergeOptions
 from .outputs import staged_output
 from .plan import LayerDelta, build_plan
@@ -157,8 +156,7 @@ def to_lora(
     vera = adapter if isinstance(adapter, VeraAdapter) else load_adapter(adapter, options.allow_pickle)
     base, output = Path(base), Path(output)
     plan = build_plan([vera], ShardedTensorIndex.from_dir(base).tensors, options.rounding)
-    # The adapter's own notes were already warned about when it was loaded.
-    notes = [w for w in plan.warnings if w not in {f"{vera.name}: {n}" for n in vera.warnings}]
+    notes = list(plan.warnings)
     r = vera.config.r
     if rank is not None and rank >= r:
         if rank > r:
@@ -175,8 +173,6 @@ def to_lora(
     with staged_output(output, [base, vera.path], options.force, options.fsync) as staging:
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         save_tensors(staging / WEIGHTS_NAME, tensors, {"format": "pt"}, options.fsync)
-    for line in report.warnings:
-        warnings.warn(line, VeraExportWarning, stacklevel=2)
     report.seconds = time.perf_counter() - started
     return report
 
