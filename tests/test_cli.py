@@ -137,3 +137,9 @@ def test_to_lora_and_embed_projections(fixture_root, tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "embedded" / "adapter_config.json").read_text())["save_projection"] is True
     _one_error_line(run("embed-projections", "--base", base, "--adapter", tmp_path / "embedded", "--output", tmp_path / "again"), "already stores")
+
+
+def test_debug_shows_the_traceback(tmp_path) -> None:
+    result = CliRunner().invoke(main, ["--debug", "inspect", str(tmp_path / "missing")])
+    assert result.exit_code != 0 and result.exc_info is not None
+    assert type(result.exception).__name__ == "AdapterError"
