@@ -4,8 +4,10 @@ The checkpoint layout (PEFT's `get_peft_model_state_dict` for VeRA, adapter name
 
 - `base_model.model.<module>.vera_lambda_b` (out_features) and `.vera_lambda_d` (r) per targeted module;
 - `base_model.vera_A` (r, max_in) and `base_model.vera_B` (max_out, r) when `save_projection` is true;
-- every other `base_model.model.<name>` replaces the base tensor `<name>` once `.base_layer` is dropped from it:
-  trained biases (`bias="vera_only"` or `"all"`) and `modules_to_save` copies such as a classifier head.
+- every other `base_model.model.<name>` replaces the base tensor `<name>` once `.base_layer` (or
+  `.modules_to_save`) is dropped from it: trained biases (`bias="vera_only"` or `"all"`) and `modules_to_save`
+  copies such as a classifier head. With `bias="all"`, PEFT also saves the frozen `.original_module.` copy of a
+  `modules_to_save` module's bias, which holds the base's own values and is skipped.
 """
 
 from __future__ import annotations
@@ -188,8 +190,10 @@ def _assemble(path: Path, config: VeraConfig, tensors: dict[str, torch.Tensor]) 
         elif key.endswith((".vera_lambda_b", ".vera_lambda_d")):
             module, _, kind = key[len(_MODEL_PREFIX) :].rpartition(".")
             lambdas.setdefault(module, {})[kind.removeprefix("vera_")] = tensor
+        elif ".original_module." in key:
+            continue  # PEFT's frozen copy of a modules_to_save module (saved with bias="all"): the base's own values
         else:
-            base_name = key[len(_MODEL_PREFIX) :].replace(".base_layer.", ".")
+            base_name = key[len(_MODEL_PREFIX) :].replace(".base_layer.", ".").replace(".modules_to_save.", ".")
             replacements[base_name] = tensor
 
     layers: dict[str, VeraLayer] = {}
