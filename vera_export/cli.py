@@ -68,7 +68,7 @@ def _warn(lines: list[str]) -> None:
 _path = click.Path(path_type=Path)
 _adapters = click.option(
     "--adapter", "adapters", multiple=True, required=True, type=_path,
-    help="PEFT VeRA adapter directory; repeat to fold several in order.",
+    help="PEFT VeRA adapter directory; repeat for several (folded in order, or a bank's rows in order).",
 )
 _quiet = click.option("--quiet", is_flag=True, help="No progress bar.")
 _json = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
@@ -232,7 +232,8 @@ def verify_command(base, adapters, merged, onnx_dir, full_model, allow_pickle, r
 @click.option("--output", required=True, type=_path, help="Directory for model.onnx, vera_export.json and the config.")
 @click.option(
     "--mode", type=click.Choice(MODES), default="merged", show_default=True,
-    help="merged: adapters folded into the weights; adapter: one adapter kept as swappable graph inputs.",
+    help="merged: adapters folded into the weights; adapter: one adapter kept as swappable graph inputs; "
+    "bank: every adapter in one graph, chosen per batch row by the adapter_index input.",
 )
 @click.option(
     "--task", type=click.Choice(["auto", *TASKS]), default="auto", show_default=True,
@@ -258,8 +259,9 @@ def onnx_command(
     """Export the base model with VeRA adapters to ONNX; exit 1 if the graph fails verification.
 
     \b
-    Example:
+    Examples:
       vera-export onnx --base ./llama --adapter ./my-vera --output ./llama-onnx --mode adapter
+      vera-export onnx --base ./llama --adapter ./alice-vera --adapter ./bob-vera --output ./llama-bank --mode bank
     """
     from .onnx_export import onnx
 
@@ -283,24 +285,33 @@ def onnx_command(
 
 
 @main.command("onnx-adapter")
-@click.option("--model", "model_dir", required=True, type=_path, help="Directory written by `vera-export onnx --mode adapter`.")
-@click.option("--adapter", required=True, type=_path, help="PEFT VeRA adapter of the same base, projections and layers.")
+@click.option(
+    "--model", "model_dir", required=True, type=_path,
+    help="Directory written by `vera-export onnx --mode adapter` or `--mode bank`.",
+)
+@click.option(
+    "--adapter", "adapters", required=True, multiple=True, type=_path,
+    help="PEFT VeRA adapter of the same base and projections; for a bank graph, repeat it: row k of the new bank is "
+    "the k-th --adapter.",
+)
 @click.option("--output", required=True, type=_path, help="The .onnx_adapter file to write.")
 @click.option("--force", is_flag=True, help="Replace an existing file.")
 @_allow_pickle
 @_json
-def onnx_adapter_command(model_dir, adapter, output, force, allow_pickle, as_json):
-    """Write a VeRA adapter as an ONNX Runtime adapter file for a graph exported in adapter mode.
+def onnx_adapter_command(model_dir, adapters, output, force, allow_pickle, as_json):
+    """Write VeRA adapters as an ONNX Runtime adapter file for a graph exported in adapter or bank mode.
 
-    Load it with onnxruntime.LoraAdapter and apply it per run with RunOptions.add_active_adapter.
+    Load it with onnxruntime.LoraAdapter and apply it per run with RunOptions.add_active_adapter. An adapter-mode
+    graph takes one --adapter; a bank graph takes any number of them, and the file replaces the whole bank.
 
     \b
-    Example:
+    Examples:
       vera-export onnx-adapter --model ./llama-onnx --adapter ./other-vera --output ./other.onnx_adapter
+      vera-export onnx-adapter --model ./llama-bank --adapter ./dave-vera --adapter ./erin-vera --output ./team.onnx_adapter
     """
     from .onnx_adapter import onnx_adapter
 
-    report = onnx_adapter(model_dir, adapter, output, force=force, allow_pickle=allow_pickle)
+    report = onnx_adapter(model_dir, list(adapters), output, force=force, allow_pickle=allow_pickle)
     if as_json:
         click.echo(json.dumps({"onnx_adapter": report.to_json()}, indent=2))
     else:

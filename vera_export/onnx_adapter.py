@@ -1,4 +1,4 @@
-"""ONNX Runtime adapter files for graphs exported in adapter mode, and the manifest that keeps them honest.
+"""ONNX Runtime adapter files for graphs exported in adapter or bank mode, and the manifest that keeps them honest.
 
 An adapter-mode graph (see `onnx_export`) holds the shared projections once, as `vera.vera_A` / `vera.vera_B`, and
 reads every trained tensor from an overridable graph input: `vera.<module>.lambda_b` / `.lambda_d` per adapted
@@ -6,6 +6,10 @@ layer and `vera.<tensor name>` for trained biases and `modules_to_save` tensors,
 values as its default. Another adapter of the same base and projections is therefore nothing but new values for
 those inputs, which ONNX Runtime's own adapter format (`onnxruntime.AdapterFormat`, applied per request with
 `RunOptions.add_active_adapter`) supplies.
+
+A bank graph (see `bank`) has the same inputs with a leading adapter axis: `[n, ...]`, one row per adapter, the axis
+declared symbolic (`"adapters"`) so that a file may hold a bank of another size. A file for it holds every table,
+stacked from a list of adapters.
 
 ONNX Runtime checks nothing when it loads such a file: a wrong name or shape fails at run time and other
 projections compute nonsense silently. So the export writes `vera_export.json` next to `model.onnx`, recording what
@@ -19,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +40,8 @@ from .targets import incompatibilities, match_layers
 MANIFEST_NAME = "vera_export.json"
 FORMAT = "vera-export onnx 1"
 VERA_A, VERA_B = "vera.vera_A", "vera.vera_B"
+# The symbolic leading axis of a bank graph's tables, as declared in the graph and recorded in the manifest.
+ADAPTERS_AXIS = "adapters"
 
 
 def lambda_input(module: str, kind: str) -> str:
@@ -59,20 +65,21 @@ class Manifest:
     """What an exported graph was built from; written as `vera_export.json` next to `model.onnx`.
 
     Attributes:
-        mode: `"merged"` or `"adapter"`.
+        mode: `"merged"`, `"adapter"` or `"bank"`.
         task: The task the graph computes (`causal-lm`, `sequence-classification`, `feature-extraction`).
         output: The graph's output name (`logits` or `last_hidden_state`).
         opset: The ONNX opset.
-        adapters: The adapter directories exported, in order.
+        adapters: The adapter directories exported, in order (in a bank, row k of every table is `adapters[k]`).
         rounding: The CPU rounding projections were regenerated with.
         base_tensors: The base checkpoint's tensors, name -> (dtype, shape): enough to match another adapter
             against the base exactly as `targets.match_layers` does, without the base.
-        projections: Adapter mode: r, projection_prng_key, the shapes of vera_A / vera_B and the SHA-256 of their
-            float32 values.
-        layers: Adapter mode: the adapted modules.
-        replaced: Adapter mode: the base tensors the adapter replaces (trained biases, modules_to_save).
-        overridable: Adapter mode: every overridable graph input, name -> {"shape", "dtype"}. Trained tensors the
-            graph does not use (a classifier head in a feature-extraction graph) have none.
+        projections: Adapter and bank mode: r, projection_prng_key, the shapes of vera_A / vera_B and the SHA-256
+            of their float32 values.
+        layers: Adapter and bank mode: the adapted modules (in a bank, those of any of its adapters).
+        replaced: Adapter and bank mode: the base tensors the adapters replace (trained biases, modules_to_save).
+        overridable: Adapter and bank mode: every overridable graph input, name -> {"shape", "dtype"}; a bank's
+            shapes start with `ADAPTERS_AXIS`. Trained tensors the graph does not use (a classifier head in a
+            feature-extraction graph) have none.
     """
 
     mode: str
@@ -138,31 +145,87 @@ def projection_fingerprint(adapter: VeraAdapter, projections: Projections) -> di
     }
 
 
+def trained_inputs(adapter: VeraAdapter) -> dict[str, torch.Tensor]:
+    """The adapter's trained tensors by the name of the graph input that holds them."""
+    tensors = {lambda_input(m, "b"): l.lambda_b for m, l in adapter.layers.items()}
+    tensors |= {lambda_input(m, "d"): l.lambda_d for m, l in adapter.layers.items()}
+    tensors |= {tensor_input(name): t for name, t in adapter.replacements.items()}
+    return tensors
+
+
+def stack_inputs(
+    adapters: Sequence[VeraAdapter], shapes: Mapping[str, Sequence[int]], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """A bank's tables: for each graph input, the adapters' tensors stacked `[n, *shape]`, in `dtype`.
+
+    An adapter without lambdas for a layer gets zeros there (its delta is then exactly zero, as PEFT leaves the
+    layer alone). Trained tensors must be present in every adapter (`bank.build_bank` checks that).
+    """
+    found = [trained_inputs(adapter) for adapter in adapters]
+    tables = {}
+    for name, shape in shapes.items():
+        zeros = torch.zeros(tuple(shape), dtype=dtype) if name.endswith((".lambda_b", ".lambda_d")) else None
+        tables[name] = torch.stack([f[name].to(dtype) if name in f else zeros for f in found])
+    return tables
+
+
 def adapter_values(manifest: Manifest, adapter: VeraAdapter) -> dict[str, np.ndarray]:
-    """The values of the graph's overridable inputs that make it compute `adapter`.
+    """The values of an adapter-mode graph's overridable inputs that make it compute `adapter`.
 
     Raises:
-        CheckpointError: The graph was exported in merged mode.
+        CheckpointError: The graph was not exported in adapter mode.
         IncompatibleAdapterError: Listing every way the adapter differs from the graph's: base, projections,
             adapted layers, replaced tensors.
     """
     if manifest.mode != "adapter":
         raise CheckpointError(
-            f"the graph was exported in {manifest.mode} mode; only a graph exported with --mode adapter takes adapters"
+            f"the graph was exported in {manifest.mode} mode; only a graph exported with --mode adapter takes "
+            f"one adapter's values"
         )
-    problems = _differences(manifest, adapter)
-    if problems:
-        raise IncompatibleAdapterError(
-            f"{adapter.path}: does not fit the exported graph ({len(problems)} problems): " + "; ".join(problems)
-        )
-    tensors = {lambda_input(m, "b"): l.lambda_b for m, l in adapter.layers.items()}
-    tensors |= {lambda_input(m, "d"): l.lambda_d for m, l in adapter.layers.items()}
-    tensors |= {tensor_input(name): t for name, t in adapter.replacements.items()}
+    _refuse_misfits(manifest, [adapter])
+    tensors = trained_inputs(adapter)
     # Tensors the graph does not use (a head dropped by the task) have no input and are left out.
     return {
         name: tensors[name].to(getattr(torch, spec["dtype"])).contiguous().numpy()
         for name, spec in manifest.overridable.items()
     }
+
+
+def bank_values(manifest: Manifest, adapters: Sequence[VeraAdapter]) -> dict[str, np.ndarray]:
+    """The tables of a bank graph that make row k of its batch compute `adapters[k]`.
+
+    The count need not be the exported bank's: the graph declares the tables' leading axis symbolic.
+
+    Raises:
+        CheckpointError: The graph was not exported in bank mode.
+        IncompatibleAdapterError: Listing every way each adapter differs from the graph's: base, projections,
+            adapted layers (an adapter may adapt fewer, not other), replaced tensors (the same).
+    """
+    if manifest.mode != "bank":
+        raise CheckpointError(
+            f"the graph was exported in {manifest.mode} mode; only a graph exported with --mode bank takes a bank "
+            f"of adapters"
+        )
+    if not adapters:
+        raise IncompatibleAdapterError("a bank needs at least one adapter")
+    _refuse_misfits(manifest, adapters)
+    shapes = {name: spec["shape"][1:] for name, spec in manifest.overridable.items()}
+    tables = stack_inputs(adapters, shapes, torch.float32)
+    return {
+        name: tables[name].to(getattr(torch, spec["dtype"])).contiguous().numpy()
+        for name, spec in manifest.overridable.items()
+    }
+
+
+def _refuse_misfits(manifest: Manifest, adapters: Sequence[VeraAdapter]) -> None:
+    misfits = [(adapter, problems) for adapter in adapters if (problems := _differences(manifest, adapter))]
+    if misfits:
+        raise IncompatibleAdapterError(
+            "; ".join(
+                f"{adapter.path}: does not fit the exported graph ({len(problems)} problems): " + "; ".join(problems)
+                for adapter, problems in misfits
+            )
+        )
 
 
 def _differences(manifest: Manifest, adapter: VeraAdapter) -> list[str]:
@@ -187,14 +250,16 @@ def _differences(manifest: Manifest, adapter: VeraAdapter) -> list[str]:
             f"projections: vera_A / vera_B ({source}) differ from the graph's (projection_prng_key "
             f"{theirs['projection_prng_key']}); the adapter was trained with other projections"
         )
-    problems += _set_difference("adapted layers", set(adapter.layers), set(manifest.layers))
+    # A bank's file holds whole tables: a layer the adapter leaves alone gets zero lambdas, not stale ones.
+    fewer_layers = manifest.mode == "bank"
+    problems += _set_difference("adapted layers", set(adapter.layers), set(manifest.layers), fewer_ok=fewer_layers)
     problems += _set_difference("trained tensors", set(adapter.replacements), set(manifest.replaced))
     return problems
 
 
-def _set_difference(what: str, ours: set[str], graphs: set[str]) -> list[str]:
+def _set_difference(what: str, ours: set[str], graphs: set[str], fewer_ok: bool = False) -> list[str]:
     problems = []
-    if graphs - ours:
+    if graphs - ours and not fewer_ok:
         problems.append(
             f"{what} of the graph missing from the adapter (they would keep the exported adapter's values): "
             f"{_some(graphs - ours)}"
@@ -224,34 +289,46 @@ class OnnxAdapterReport:
 
 def onnx_adapter(
     model_dir: str | Path,
-    adapter: str | Path | VeraAdapter,
+    adapters: str | Path | VeraAdapter | Sequence[str | Path | VeraAdapter],
     output_file: str | Path,
     force: bool = False,
     allow_pickle: bool = False,
 ) -> OnnxAdapterReport:
-    """Write a VeRA adapter as an ONNX Runtime adapter file for a graph exported in adapter mode.
+    """Write VeRA adapters as an ONNX Runtime adapter file for a graph exported in adapter or bank mode.
 
     Load it with `onnxruntime.LoraAdapter().Load(path)` and apply it per request with
     `RunOptions.add_active_adapter`. The file holds the lambdas and trained tensors only, in the graph's dtypes.
 
     Args:
-        model_dir: Directory written by `onnx_export.onnx` with `mode="adapter"`.
-        adapter: A PEFT VeRA adapter of the same base, projections, adapted layers and trained tensors.
+        model_dir: Directory written by `onnx_export.onnx` with `mode="adapter"` or `mode="bank"`.
+        adapters: For an adapter-mode graph, one PEFT VeRA adapter of the same base, projections, adapted layers
+            and trained tensors. For a bank graph, one or more (any count), each of the same base, projections and
+            trained tensors, adapting some of the graph's layers; row k of the bank becomes `adapters[k]`.
         output_file: The `.onnx_adapter` file to write.
         force: Replace an existing file.
         allow_pickle: Read `adapter_model.bin` when there is no safetensors file.
 
     Raises:
-        CheckpointError: `model_dir` is not an adapter-mode export.
-        IncompatibleAdapterError: The adapter does not fit the graph (see `adapter_values`).
+        CheckpointError: `model_dir` is not an adapter-mode or bank export, or an adapter-mode one given several
+            adapters.
+        IncompatibleAdapterError: An adapter does not fit the graph (see `adapter_values`, `bank_values`).
         OutputError: `output_file` exists (without `force`) or is a directory.
     """
     manifest = Manifest.read(model_dir)
-    loaded = adapter if isinstance(adapter, VeraAdapter) else load_adapter(adapter, allow_pickle)
+    many = [adapters] if isinstance(adapters, (str, Path, VeraAdapter)) else list(adapters)
+    loaded = [a if isinstance(a, VeraAdapter) else load_adapter(a, allow_pickle) for a in many]
     output = Path(output_file)
     if output.is_dir() or (output.exists() and not force):
         raise OutputError(f"{output}: exists; choose another file name or pass --force to replace it")
-    values = adapter_values(manifest, loaded)
+    if manifest.mode == "bank":
+        values = bank_values(manifest, loaded)
+    elif manifest.mode == "adapter" and len(loaded) != 1:
+        raise CheckpointError(
+            f"{model_dir}: the graph was exported in adapter mode and takes one adapter, got {len(loaded)}; "
+            f"export a bank (--mode bank) to serve several at once"
+        )
+    else:
+        values = adapter_values(manifest, loaded[0])
     write_adapter_file(values, output)
     return OnnxAdapterReport(output, sum(v.size for v in values.values()), output.stat().st_size)
 

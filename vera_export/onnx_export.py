@@ -1,6 +1,6 @@
-"""Export a base model with VeRA adapters to ONNX, merged or with the adapter as swappable graph inputs.
+"""Export a base model with VeRA adapters to ONNX: merged, with the adapter as swappable graph inputs, or as a bank.
 
-Both modes load the base in float32 and export it with torch.onnx's dynamo exporter; the graph takes `input_ids`
+All modes load the base in float32 and export it with torch.onnx's dynamo exporter; the graph takes `input_ids`
 and `attention_mask` (int64, `[batch, sequence]`, both axes dynamic) and returns `logits` or `last_hidden_state`.
 
 - **merged**: the adapters are folded into the float32 weights by `layers.merge_into` (correctly rounded), and the
@@ -10,6 +10,11 @@ and `attention_mask` (int64, `[batch, sequence]`, both axes dynamic) and returns
   `vera.vera_A` / `vera.vera_B`, stored once. Every tensor the adapter trains is an overridable graph input with
   the adapter's values as default (names in `onnx_adapter`), so the graph runs as the exported adapter with only
   `input_ids` and `attention_mask` fed, and as another one with an ONNX Runtime adapter file.
+- **bank**: the layers are `bank.VeraBankLinear` (and trained tensors `bank.RowSelected*`), holding the lambdas and
+  trained tensors of all the adapters as tables `[n, ...]`; a third input, `adapter_index` (int64 `[batch]`), says
+  which adapter each batch row runs. The tables are overridable inputs like adapter mode's, their leading axis
+  declared symbolic, and a guard in front of the graph's first use of `adapter_index` makes ONNX Runtime fail on an
+  index outside `[0, n)` (`_guard_adapter_index`).
 
 The exporter's own optimizer is not used: it merges initializers with equal values (two lambda vectors, or a
 lambda of ones and a norm's weight) and folds the slices of `vera_A` / `vera_B` into per-layer copies. The graph
@@ -25,6 +30,7 @@ Projections are resolved against the base checkpoint as `merge` resolves them (r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -43,11 +49,13 @@ from onnx.checker import check_model
 from torch import nn
 
 from .adapter import VeraAdapter, load_adapter
+from .bank import Bank, RowSelection, apply_bank, build_bank
 from .errors import AdapterError, CheckpointError, OutputError
 from .layers import VeraLinear, apply_vera, merge_into
 from .merging import copy_side_files
 from .modeling import load_model, model_class
 from .onnx_adapter import (
+    ADAPTERS_AXIS,
     MANIFEST_NAME,
     VERA_A,
     VERA_B,
@@ -55,9 +63,10 @@ from .onnx_adapter import (
     lambda_input,
     projection_digest,
     projection_fingerprint,
+    stack_inputs,
     tensor_input,
 )
-from .options import MIN_OPSET, TASKS, OnnxOptions
+from .options import TASKS, OnnxOptions
 from .outputs import staged_output
 from .plan import Plan, build_plan, pin_projections
 from .projections import Rounding
@@ -68,6 +77,9 @@ from .verification import Check, VerifyReport, cast_adapter, model_inputs
 _ORT_ERRORS = tuple(v for v in vars(ort_errors).values() if isinstance(v, type) and issubclass(v, Exception))
 
 INPUT_NAMES = ("input_ids", "attention_mask")
+ADAPTER_INDEX = "adapter_index"
+# The node that fails when an adapter index is out of range: ONNX Runtime names it in its error.
+INDEX_GUARD = "adapter_index_out_of_range"
 MODEL_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
 # Neither axis of the example is 1, which the exporter would specialize instead of keeping dynamic.
@@ -132,6 +144,8 @@ def resolve_task(base: Path, task: str) -> str:
 class GraphOutput(nn.Module):
     """`forward(input_ids, attention_mask)` -> the task's output tensor: what the graph computes."""
 
+    input_names = INPUT_NAMES
+
     def __init__(self, model: nn.Module, task: str) -> None:
         super().__init__()
         self.output = TASKS[task][0]
@@ -139,6 +153,22 @@ class GraphOutput(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return getattr(self.body(input_ids=input_ids, attention_mask=attention_mask), self.output)
+
+
+class BankGraphOutput(GraphOutput):
+    """`forward(input_ids, attention_mask, adapter_index)` -> the task's output, row i run by adapter_index[i]."""
+
+    input_names = (*INPUT_NAMES, ADAPTER_INDEX)
+
+    def __init__(self, model: nn.Module, task: str, selection: RowSelection) -> None:
+        super().__init__(model, task)
+        self.selection = selection
+
+    def forward(  # type: ignore[override]
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapter_index: torch.Tensor
+    ) -> torch.Tensor:
+        with self.selection.rows(adapter_index):
+            return super().forward(input_ids, attention_mask)
 
 
 def onnx(
@@ -154,7 +184,8 @@ def onnx(
 
     Args:
         base: Hugging Face model directory (config.json and safetensors weights).
-        adapters: PEFT VeRA adapter directories or loaded adapters; exactly one in adapter mode.
+        adapters: PEFT VeRA adapter directories or loaded adapters; exactly one in adapter mode; in bank mode
+            row k of the bank is `adapters[k]`.
         output: Directory to create; written in full or not at all.
         options: See `OnnxOptions`.
 
@@ -191,21 +222,33 @@ def _resolve(
     allow_pickle: bool,
     rounding: Rounding,
     mode: str,
-) -> tuple[list[VeraAdapter], Plan]:
-    """Load the adapters and pin their projections as resolved against the checkpoint's stored dtypes."""
+) -> tuple[list[VeraAdapter], Plan | Bank]:
+    """Load the adapters and pin their projections as resolved against the checkpoint's stored dtypes.
+
+    Returns the plan of their stacking (merged and adapter mode) or, in bank mode, the bank they form.
+    """
     loaded = [a if isinstance(a, VeraAdapter) else load_adapter(a, allow_pickle) for a in adapters]
     if mode == "adapter" and len(loaded) != 1:
         raise AdapterError(
             f"adapter mode exports exactly one adapter, got {len(loaded)}; export the others as adapter files "
-            f"(vera-export onnx-adapter) or fold them all with --mode merged"
+            f"(vera-export onnx-adapter), serve them all from one graph with --mode bank, or fold them all with "
+            f"--mode merged"
         )
+    if mode == "bank":
+        bank = build_bank(loaded, index.tensors, rounding)
+        return bank.adapters, bank
     plan = build_plan(loaded, index.tensors, rounding)
     # Stored projections from here on: the float32 model loaded for export must not regenerate them unrounded.
     return pin_projections(loaded, plan), plan
 
 
 def _export(
-    base: Path, index: ShardedTensorIndex, adapters: list[VeraAdapter], plan: Plan, task: str, options: OnnxOptions
+    base: Path,
+    index: ShardedTensorIndex,
+    adapters: list[VeraAdapter],
+    plan: Plan | Bank,
+    task: str,
+    options: OnnxOptions,
 ) -> tuple[ir.Model, Manifest]:
     """The optimized graph, and the manifest that describes it."""
     manifest = Manifest(
@@ -223,10 +266,15 @@ def _export(
     model = load_model(base, torch.float32)
     if options.mode == "merged":
         graph, shared = _trace(GraphOutput(merge_into(model, adapters), task), options.opset), set()
-    else:
+    elif options.mode == "adapter":
         graph, shared = _adapter_graph(model, adapters[0], plan, task, options.opset, manifest)
+    else:
+        graph, shared = _bank_graph(model, plan, task, options.opset, manifest)
     del model
     _optimize(graph, shared)
+    if options.mode == "bank":
+        _declare_adapters_axis(graph, manifest)
+        _guard_adapter_index(graph, manifest)
     return graph, manifest
 
 
@@ -243,6 +291,28 @@ def _adapter_graph(
     manifest.projections = projection_fingerprint(adapter, projections)
     manifest.layers = list(adapter.layers)
     manifest.replaced = list(adapter.replacements)
+    return graph, shared
+
+
+def _bank_graph(
+    model: nn.Module, bank: Bank, task: str, opset: int, manifest: Manifest
+) -> tuple[ir.Model, set[ir.Value]]:
+    """The graph with bank layers and the tables as inputs; records them in `manifest`."""
+    shapes = {lambda_input(m, "b"): (t.out_features,) for m, t in bank.layers.items()}
+    shapes |= {lambda_input(m, "d"): (bank.adapters[0].config.r,) for m in bank.layers}
+    state = model.state_dict()
+    shapes |= {tensor_input(name): tuple(state[name].shape) for name in bank.replaced}
+    tables = {
+        name: nn.Parameter(table, requires_grad=False)
+        for name, table in stack_inputs(bank.adapters, shapes, torch.float32).items()
+    }
+    wrapper = BankGraphOutput(model, task, apply_bank(model, bank, tables))
+    graph = _trace(wrapper, opset)
+    shared = _name_projections(graph, bank.projections.vera_A, bank.projections.vera_B)
+    manifest.overridable = _expose_trained_tensors(graph, wrapper, {id(t): name for name, t in tables.items()})
+    manifest.projections = projection_fingerprint(bank.adapters[0], bank.projections)
+    manifest.layers = list(bank.layers)
+    manifest.replaced = list(bank.replaced)
     return graph, shared
 
 
@@ -275,21 +345,24 @@ def _quiet(*names: str) -> Iterator[None]:
 
 
 @torch.no_grad()
-def _trace(wrapper: GraphOutput, opset: int) -> ir.Model:
+def _trace(wrapper: GraphOutput | BankGraphOutput, opset: int) -> ir.Model:
     """The unoptimized graph of `wrapper`, inputs and output named, batch and sequence axes dynamic."""
     example = torch.ones(_EXAMPLE_SHAPE, dtype=torch.int64)
-    axes = {0: "batch", 1: "sequence"}
+    examples = (example, example.clone(), torch.zeros(_EXAMPLE_SHAPE[:1], dtype=torch.int64))
+    tokens = {0: "batch", 1: "sequence"}
+    axes = {"input_ids": tokens, "attention_mask": tokens, ADAPTER_INDEX: {0: "batch"}}
+    names = list(wrapper.input_names)
     with _quiet("torch.onnx"):
         try:
             program = torch.onnx.export(
                 wrapper.eval(),
-                (example, example.clone()),
+                examples[: len(names)],
                 dynamo=True,
                 optimize=False,
                 opset_version=opset,
-                input_names=list(INPUT_NAMES),
+                input_names=names,
                 output_names=[wrapper.output],
-                dynamic_shapes={name: axes for name in INPUT_NAMES},
+                dynamic_shapes={name: axes[name] for name in names},
                 verbose=False,
             )
         except torch.onnx.OnnxExporterError as exc:
@@ -337,6 +410,37 @@ def _expose_trained_tensors(graph: ir.Model, wrapper: nn.Module, names: dict[int
         graph.graph.inputs.append(value)
         exposed[name] = {"shape": list(value.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
     return dict(sorted(exposed.items()))
+
+
+def _declare_adapters_axis(graph: ir.Model, manifest: Manifest) -> None:
+    """Declare the tables' leading axis symbolic, so adapter files may hold banks of any size."""
+    for name, spec in manifest.overridable.items():
+        value = graph.graph.initializers[name]
+        value.shape = ir.Shape([ADAPTERS_AXIS, *value.shape[1:]])
+        spec["shape"] = [ADAPTERS_AXIS, *spec["shape"][1:]]
+
+
+def _guard_adapter_index(graph: ir.Model, manifest: Manifest) -> None:
+    """Route every use of `adapter_index` through a node that fails unless each index is in `[0, n)`.
+
+    ONNX Runtime's CPU `Gather` refuses indices of n or more, but takes -n to -1 as counting from the end, and
+    other execution providers need not check at all. So the graph counts the indices outside `[0, n)` (n read from
+    the first table, as fed) and reshapes `adapter_index` to `[batch + that count]`: a no-op when the count is 0,
+    and an error on every runtime otherwise, raised by the node named `INDEX_GUARD`.
+    """
+    index = next(v for v in graph.graph.inputs if v.name == ADAPTER_INDEX)
+    table = graph.graph.initializers[next(iter(manifest.overridable))]
+    checked = ir.Value(name=f"{ADAPTER_INDEX}_checked", shape=index.shape, type=index.type)
+    index.replace_all_uses_with(checked)
+    tape = ir.tape.Tape()
+    zero = tape.op("Constant", [], {"value": ir.tensor(np.array(0, dtype=np.int64))})
+    count = tape.op("Shape", [table], {"start": 0, "end": 1})
+    inside = tape.op("And", [tape.op("GreaterOrEqual", [index, zero]), tape.op("Less", [index, count])])
+    outside = tape.op("Cast", [tape.op("Not", [inside])], {"to": ir.DataType.INT64})
+    outside = tape.op("ReduceSum", [outside], {"keepdims": 1})
+    shape = tape.op("Add", [tape.op("Shape", [index]), outside])
+    tape.op("Reshape", [index, shape], name=INDEX_GUARD, output=checked)
+    graph.graph.insert_before(graph.graph.node(0), tape.nodes)
 
 
 def _optimize(graph: ir.Model, shared: set[ir.Value]) -> None:
@@ -393,10 +497,13 @@ def verify_onnx(
     `PRECISION_FACTOR` times PyTorch's own float32 error on the same inputs plus `FLOOR_ROUNDOFFS` float32
     roundoffs of the largest output.
 
+    A bank runs on `bank_inputs` instead, every row against the unmerged model of its own adapter alone.
+
     Args:
         onnx_dir: Directory written by `onnx`.
         base: The base model directory.
-        adapters: The adapters exported, in order (in adapter mode, the one whose values are the defaults).
+        adapters: The adapters exported, in order (in adapter mode, the one whose values are the defaults; in bank
+            mode, row k of the default tables is `adapters[k]`).
         allow_pickle: Read `adapter_model.bin` when there is no safetensors file.
 
     Returns:
@@ -413,6 +520,9 @@ def verify_onnx(
         report.checks.append(Check("graph loads in ONNX Runtime", 0.0, 0.0, 0.0, False, _first_line(exc)))
         return report
     report.checks.append(_check_graph(onnx_dir, runner, manifest))
+    if manifest.mode == "bank":
+        report.checks.extend(_check_bank(runner, manifest, base, loaded))
+        return report
     exact_model = _unmerged(base, loaded, manifest.task, torch.float64)
     inputs = model_inputs(exact_model.body.config.vocab_size)
     exact = _outputs(exact_model, inputs)
@@ -435,6 +545,57 @@ def _unmerged(base: Path, adapters: list[VeraAdapter], task: str, dtype: torch.d
 @torch.no_grad()
 def _outputs(model: GraphOutput, inputs: list[dict[str, torch.Tensor]]) -> list[np.ndarray]:
     return [model(**batch).numpy() for batch in inputs]
+
+
+def bank_inputs(vocab_size: int, n: int) -> list[dict[str, torch.Tensor]]:
+    """Fixed inputs for a bank of `n` adapters, with `adapter_index`.
+
+    First every adapter in one batch of length 7, in reverse order (at least two rows, the second left-padded),
+    then one row of length 16 run by adapter 0.
+    """
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for index, length in ((torch.arange(max(n, 2)).flip(0) % n, 7), (torch.zeros(1, dtype=torch.int64), 16)):
+        input_ids = torch.randint(0, vocab_size, (len(index), length), generator=generator)
+        attention_mask = torch.ones_like(input_ids)
+        attention_mask[1:2, : length // 3] = 0
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, ADAPTER_INDEX: index})
+    return batches
+
+
+def _check_bank(
+    runner: ort.InferenceSession, manifest: Manifest, base: Path, adapters: list[VeraAdapter]
+) -> list[Check]:
+    """Per input shape, every row of the graph's output against the unmerged model of that row's adapter."""
+    inputs = bank_inputs(model_class(base).config_class.from_pretrained(base).vocab_size, len(adapters))
+    exact = _bank_outputs(base, adapters, manifest.task, torch.float64, inputs)
+    single = _bank_outputs(base, adapters, manifest.task, torch.float32, inputs)
+    checks = []
+    for batch, want, same_precision in zip(inputs, exact, single):
+        check = _check_output(runner, manifest.output, batch, want, same_precision)
+        rows = ", ".join(map(str, batch[ADAPTER_INDEX].tolist()))
+        checks.append(dataclasses.replace(check, name=f"{check.name}, rows run adapters [{rows}]"))
+    return checks
+
+
+@torch.no_grad()
+def _bank_outputs(
+    base: Path, adapters: list[VeraAdapter], task: str, dtype: torch.dtype, inputs: list[dict[str, torch.Tensor]]
+) -> list[np.ndarray]:
+    """Each batch row computed by the unmerged model of its own adapter, one model in memory at a time."""
+    outputs: list[np.ndarray | None] = [None] * len(inputs)
+    for k, adapter in enumerate(adapters):
+        model = _unmerged(base, [adapter], task, dtype)
+        for b, batch in enumerate(inputs):
+            rows = (batch[ADAPTER_INDEX] == k).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            output = model(batch["input_ids"][rows], batch["attention_mask"][rows]).numpy()
+            if outputs[b] is None:
+                outputs[b] = np.zeros((len(batch[ADAPTER_INDEX]), *output.shape[1:]), dtype=output.dtype)
+            outputs[b][rows.numpy()] = output
+        del model
+    return outputs
 
 
 def _check_output(
@@ -466,8 +627,14 @@ def _check_output(
 def _check_graph(onnx_dir: Path, runner: ort.InferenceSession, manifest: Manifest) -> Check:
     problems = []
     inputs = [(i.name, i.type, len(i.shape)) for i in runner.get_inputs()]
-    if inputs != [(name, "tensor(int64)", 2) for name in INPUT_NAMES]:
-        problems.append(f"inputs are {inputs}, expected int64 [batch, sequence] {', '.join(INPUT_NAMES)}")
+    expected_inputs = [(name, "tensor(int64)", 2) for name in INPUT_NAMES]
+    if manifest.mode == "bank":
+        expected_inputs.append((ADAPTER_INDEX, "tensor(int64)", 1))
+    if inputs != expected_inputs:
+        problems.append(
+            f"inputs are {inputs}, expected int64 [batch, sequence] {', '.join(INPUT_NAMES)}"
+            + (f" and int64 [batch] {ADAPTER_INDEX}" if manifest.mode == "bank" else "")
+        )
     outputs = [o.name for o in runner.get_outputs()]
     if outputs != [manifest.output]:
         problems.append(f"outputs are {outputs}, expected [{manifest.output!r}]")
@@ -477,7 +644,7 @@ def _check_graph(onnx_dir: Path, runner: ort.InferenceSession, manifest: Manifes
         differ = sorted(overridable.keys() ^ expected.keys())
         differ = differ or sorted(name for name in expected if overridable[name] != expected[name])
         problems.append(f"overridable inputs differ from {MANIFEST_NAME}'s: {', '.join(differ[:5])}")
-    if manifest.mode == "adapter":
+    if manifest.mode in ("adapter", "bank"):
         problems += _check_projections(onnx_dir, manifest)
     return Check(
         "graph inputs, outputs and overridable tensors", 0.0, 0.0, 0.0, not problems,

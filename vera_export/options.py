@@ -39,7 +39,7 @@ TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sequence-classification": ("logits", ("ForSequenceClassification",)),
     "feature-extraction": ("last_hidden_state", ("Model",)),
 }
-MODES = ("merged", "adapter")
+MODES = ("merged", "adapter", "bank")
 MIN_OPSET = 18
 
 
@@ -48,7 +48,8 @@ class OnnxOptions:
     """How a model is exported.
 
     Attributes:
-        mode: `"merged"` (adapters folded into the weights) or `"adapter"` (one adapter, swappable).
+        mode: `"merged"` (adapters folded into the weights), `"adapter"` (one adapter, swappable) or `"bank"`
+            (one adapter per batch row, chosen by the `adapter_index` input from tables of all the adapters).
         task: `"auto"` (from `config.json`'s architecture) or one of `TASKS`.
         opset: ONNX opset of the graph, at least 18.
         verify: Compare the graph in ONNX Runtime with the unmerged model in PyTorch after exporting.
