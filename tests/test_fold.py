@@ -86,6 +86,30 @@ def test_factors_are_the_vera_delta() -> None:
     assert all(torch.equal(a, b.float()) for a, b in zip(d.factors(torch.float32), d.factors()))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "b_scale, d_scale",
+    [(1e-30, 1e28), (3e-39, 1e36)],
+    ids=["factor squares underflow", "subnormal float32 factors"],
+)
+def test_extreme_lambda_scales_stay_within_one_ulp(dtype, b_scale: float, d_scale: float) -> None:
+    """Lambdas at the ends of float32's range: the error bound must not rest on a norm or factor that underflowed.
+
+    With lambda_b near 1e-30 the squares of a factor row underflow float32, so a float32 norm would be 0 and no
+    element would be suspect; near 3e-39 the float32 factors themselves are subnormal and lose their precision.
+    """
+    g = torch.Generator().manual_seed(11)
+    rows, cols, r = 24, 20, 8
+    lambda_b = torch.randn(rows, generator=g) * b_scale
+    lambda_d = torch.randn(r, generator=g) * d_scale
+    vera_A, vera_B = torch.rand(r, cols, generator=g) - 0.5, torch.rand(rows, r, generator=g) - 0.5
+    delta = VeraDelta(lambda_b, lambda_d, vera_A, vera_B, cols, rows)
+    left, right = delta.factors()
+    weight = _cancelling_weight(dtype, left, right)
+    merged = fold(weight, [delta])
+    assert _ulp_errors(merged, _exact(weight, [(left, right)])).max() <= 1.0
+
+
 def test_several_adapters_round_once() -> None:
     dtype = torch.bfloat16
     deltas = [_random_delta(16, 12, 4, False, seed=s) for s in (1, 2, 3)]

@@ -64,6 +64,22 @@ class VeraDelta:
     in_features: int
     out_features: int
     fan_in_fan_out: bool = False
+    projection_floor: float | None = None  # a lower bound of the smallest non-zero |entry| of vera_A and vera_B
+
+    def float32_factors_exact_enough(self) -> bool:
+        """Whether each float32 factor entry is within float32's relative rounding of its exact value.
+
+        True unless some product of a lambda and a projection entry, both non-zero, falls below float32's smallest
+        normal number (for example lambdas near 1e-39): such entries are subnormal or zero and the fold's error
+        bound, which is relative, would not hold for them.
+        """
+        tiny = torch.finfo(torch.float32).tiny
+        projections = self.projection_floor
+        if projections is None:
+            in_side, out_side = self.vera_A[:, : self.in_features], self.vera_B[: self.out_features]
+            projections = min(smallest_magnitude(in_side), smallest_magnitude(out_side))
+        lambdas = min(smallest_magnitude(self.lambda_b), smallest_magnitude(self.lambda_d))
+        return lambdas * projections >= tiny
 
     def factors(self, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
         """`(left, right)` with `left @ right = delta_W` in the weight's layout, each product rounded once to `dtype`.
@@ -86,6 +102,12 @@ class VeraDelta:
         if self.fan_in_fan_out:
             return self.lambda_b[columns].double()[:, None] * self.vera_B[columns].double()
         return (self.lambda_d.double()[:, None] * torch.index_select(self.vera_A, 1, columns).double()).T
+
+
+def smallest_magnitude(tensor: torch.Tensor) -> float:
+    """The smallest non-zero |element| (in float64), or infinity when there is none."""
+    magnitudes = tensor.abs().double()
+    return magnitudes.masked_fill_(magnitudes == 0, math.inf).min().item() if tensor.numel() else math.inf
 
 
 def _scale(vector: torch.Tensor, matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -126,6 +148,8 @@ def fold(
     if out is None:
         out = torch.empty_like(weight)
     dtype = compute_dtype(weight.dtype)
+    if dtype == torch.float32 and not all(delta.float32_factors_exact_enough() for delta in deltas):
+        dtype = torch.float64  # lambdas near float32's underflow: products of two float32 values never underflow float64
     factors = [delta.factors(dtype) for delta in deltas]
     left_c = torch.cat([left for left, _ in factors], dim=1) if len(factors) > 1 else factors[0][0]
     right_c = torch.cat([right for _, right in factors], dim=0) if len(factors) > 1 else factors[0][1]
@@ -186,9 +210,10 @@ class _CancellationGuard:
         self.deltas, self.alpha = deltas, alpha
         # Norms nudged up by more than their own rounding error and the factors' rounding to the compute dtype
         # could take off, so the bound never comes out too small.
+        # Squared in float64, where squares of float32 values neither underflow nor overflow.
         nudge = 1 + 2 * gamma(k + 2, dtype)
-        self.row_norms = left.norm(dim=1).double() * nudge
-        self.col_norms = right.norm(dim=0).double() * nudge
+        self.row_norms = left.double().square().sum(dim=1).sqrt() * nudge
+        self.col_norms = right.double().square().sum(dim=0).sqrt() * nudge
         self.row_norms_c, self.col_norms_c = self.row_norms.to(dtype), self.col_norms.to(dtype)
         largest_delta = (self.row_norms.max() * self.col_norms.max()).item() if left.numel() and right.numel() else 0.0
         self.may_overflow = largest_delta >= half_spacing

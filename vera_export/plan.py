@@ -7,6 +7,7 @@ every incompatibility is reported before an output is started.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -15,7 +16,7 @@ import torch
 
 from .adapter import VeraAdapter
 from .errors import IncompatibleAdapterError
-from .fold import VeraDelta
+from .fold import VeraDelta, smallest_magnitude
 from .projections import Rounding, generate_projections
 from .targets import TargetLayer, match_layers, projection_dims, untrained_targets
 
@@ -34,6 +35,11 @@ class Projections:
     vera_A: torch.Tensor
     vera_B: torch.Tensor
     stored: bool
+
+    @functools.cached_property
+    def floor(self) -> float:
+        """The smallest non-zero |entry| of either projection (see `VeraDelta.float32_factors_exact_enough`)."""
+        return min(smallest_magnitude(self.vera_A), smallest_magnitude(self.vera_B))
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class LayerDelta:
             t.in_features,
             t.out_features,
             t.fan_in_fan_out,
+            projection_floor=self.projections.floor,
         )
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
