@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
 
 from vera_export.cli import main
 
@@ -58,6 +59,33 @@ def test_unmerge_reports_what_it_cannot_restore(fixture_root, tmp_path) -> None:
     result = run("unmerge", "--merged", tmp_path / "m", "--adapter", adapter, "--output", tmp_path / "u", "--quiet")
     assert result.exit_code == 0
     assert "warning:" in result.stderr and "classifier.weight" in result.stderr
+
+
+def test_onnx_commands_as_a_pipeline_runs_them(fixture_root, tmp_path) -> None:
+    """Export with the stage bar, verify for CI, catch a changed adapter, write it as an ONNX Runtime adapter file."""
+    base, adapter = base_dir(fixture_root, "gpt2-attn"), adapter_dir(fixture_root, "gpt2-attn")
+    graph = tmp_path / "graph"
+    result = run("onnx", "--base", base, "--adapter", adapter, "--output", graph, "--mode", "adapter", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)["onnx"]
+    assert report["mode"] == "adapter" and report["verify"]["passed"] is True and "model.onnx" in report["files"]
+    assert "exporting (adapter)" in result.stderr
+
+    result = run("verify", "--base", base, "--adapter", adapter, "--onnx", graph, "--json", "--quiet")
+    assert result.exit_code == 0 and json.loads(result.stdout)["passed"] is True and not result.stderr
+
+    changed = tmp_path / "changed"
+    shutil.copytree(adapter, changed)
+    tensors = load_file(changed / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("vera_lambda_b"))
+    tensors[key] = tensors[key] * 1.5
+    save_file(tensors, changed / "adapter_model.safetensors")
+    result = run("verify", "--base", base, "--adapter", changed, "--onnx", graph, "--json", "--quiet")
+    assert result.exit_code == 1 and json.loads(result.stdout)["passed"] is False
+
+    result = run("onnx-adapter", "--model", graph, "--adapter", changed, "--output", tmp_path / "c.onnx_adapter", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["onnx_adapter"]["bytes_written"] == (tmp_path / "c.onnx_adapter").stat().st_size
 
 
 def test_inspect_text_and_json(fixture_root) -> None:

@@ -267,7 +267,7 @@ def onnx_command(
 
     options = OnnxOptions(
         mode=mode, task=task, opset=opset, verify=run_verify, external_data=external_data, force=force,
-        allow_pickle=allow_pickle, rounding=Rounding(rounding),
+        allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=not quiet,
     )
     report = onnx(base, adapters, output, options)
     _warn(report.warnings)

@@ -35,7 +35,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +69,7 @@ from .onnx_adapter import (
 from .options import TASKS, OnnxOptions
 from .outputs import staged_output
 from .plan import Plan, build_plan, pin_projections
+from .progress import stage_bar
 from .projections import Rounding
 from .safetensors_io import ShardedTensorIndex
 from .verification import Check, VerifyReport, cast_adapter, model_inputs
@@ -84,6 +85,7 @@ MODEL_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
 # Neither axis of the example is 1, which the exporter would specialize instead of keeping dynamic.
 _EXAMPLE_SHAPE = (2, 8)
+_EXPORT_STAGES = ("loading", "tracing", "optimizing", "writing")
 # Protobuf cannot serialize 2 GiB; leave room for the graph itself.
 _INLINE_LIMIT = 2**31 - 2**28
 # Verification: ONNX Runtime's float32 graph may be off the float64 reference by this many times PyTorch's own
@@ -202,16 +204,20 @@ def onnx(
     task = resolve_task(base, options.task)
     external_data = _external_data(index, options.external_data)
     report = OnnxReport(output, options.mode, task, [str(a.path) for a in loaded], warnings=list(plan.warnings))
-    with staged_output(output, [base, *(a.path for a in loaded)], options.force) as staging:
-        graph, manifest = _export(base, index, loaded, plan, task, options)
-        _save(graph, staging, external_data)
-        del graph  # its weights, before verification loads the model twice more
-        manifest.write(staging)
-        report.warnings.extend(copy_side_files(base, staging))
-        report.files = sorted(p.name for p in staging.iterdir())
-        report.overridable = len(manifest.overridable)
-    if options.verify:
-        report.verification = verify_onnx(output, base, loaded, allow_pickle=options.allow_pickle)
+    stages = [*_EXPORT_STAGES, *(["verifying"] if options.verify else [])]
+    with stage_bar(stages, f"exporting ({options.mode})", options.progress) as start:
+        with staged_output(output, [base, *(a.path for a in loaded)], options.force) as staging:
+            graph, manifest = _export(base, index, loaded, plan, task, options, start)
+            start("writing")
+            _save(graph, staging, external_data)
+            del graph  # its weights, before verification loads the model twice more
+            manifest.write(staging)
+            report.warnings.extend(copy_side_files(base, staging))
+            report.files = sorted(p.name for p in staging.iterdir())
+            report.overridable = len(manifest.overridable)
+        if options.verify:
+            start("verifying")
+            report.verification = verify_onnx(output, base, loaded, allow_pickle=options.allow_pickle)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -249,8 +255,9 @@ def _export(
     plan: Plan | Bank,
     task: str,
     options: OnnxOptions,
+    start: Callable[[str], None],
 ) -> tuple[ir.Model, Manifest]:
-    """The optimized graph, and the manifest that describes it."""
+    """The optimized graph, and the manifest that describes it; calls `start` with each of `_EXPORT_STAGES[:3]`."""
     manifest = Manifest(
         mode=options.mode,
         task=task,
@@ -263,7 +270,9 @@ def _export(
             for name, info in index.tensors.items()
         },
     )
+    start("loading")
     model = load_model(base, torch.float32)
+    start("tracing")
     if options.mode == "merged":
         graph, shared = _trace(GraphOutput(merge_into(model, adapters), task), options.opset), set()
     elif options.mode == "adapter":
@@ -271,6 +280,7 @@ def _export(
     else:
         graph, shared = _bank_graph(model, plan, task, options.opset, manifest)
     del model
+    start("optimizing")
     _optimize(graph, shared)
     if options.mode == "bank":
         _declare_adapters_axis(graph, manifest)

@@ -57,6 +57,7 @@ class OnnxOptions:
         force: Replace a non-empty output directory (only once the new one is complete).
         allow_pickle: Read `adapter_model.bin` with `torch.load(weights_only=True)` when there is no safetensors.
         rounding: Which CPU kernel's float rounding to reproduce when regenerating projections.
+        progress: Show the export's stages on a bar on stderr.
     """
 
     mode: str = "merged"
@@ -67,6 +68,7 @@ class OnnxOptions:
     force: bool = False
     allow_pickle: bool = False
     rounding: Rounding = Rounding.FMA
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import click
 
@@ -17,3 +17,27 @@ def progress_bar(total: int, label: str, enabled: bool = True) -> Iterator[Calla
         return
     with click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True, width=30) as bar:
         yield bar.update
+
+
+@contextlib.contextmanager
+def stage_bar(stages: Sequence[str], label: str, enabled: bool = True) -> Iterator[Callable[[str], None]]:
+    """Yield a function that starts the named stage (one of `stages`, in order) on a bar of all of them.
+
+    For work whose steps cannot be counted in units, such as tracing a model: the bar shows how many stages are
+    done and which one is running.
+    """
+    if not enabled:
+        yield lambda stage: None
+        return
+    with click.progressbar(
+        length=len(stages), label=label, file=sys.stderr, show_eta=False, width=30, item_show_func=lambda s: s
+    ) as bar:
+        started = False
+
+        def start(stage: str) -> None:
+            nonlocal started
+            bar.update(1 if started else 0, stage)
+            started = True
+
+        yield start
+        bar.update(1, "done")
