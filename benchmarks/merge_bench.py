@@ -5,8 +5,9 @@
 Builds (once) a TinyLlama-1.1B-shaped bf16 checkpoint with an all-linear r=256 VeRA adapter, and an 8-layer
 sibling (benchmarks/make_checkpoint.py). Each round runs every candidate once, in an order rotated per round so
 that no candidate always runs first or last; wall time comes from the parent, peak RSS from wait4's rusage of the
-child. Inputs are in the page cache after the first run (all candidates alike) and outputs are written without
-fsync (as transformers' save_pretrained does). Reported: best and median wall, best peak RSS, and ratios.
+child. Before each run its inputs are read once, so every candidate starts with them in the page cache (this VM
+evicts them between runs otherwise), and outputs are written without fsync (as transformers' save_pretrained
+does). Reported: best and median wall, best peak RSS, and ratios.
 """
 
 from __future__ import annotations
@@ -33,13 +34,24 @@ from make_checkpoint import ensure  # noqa: E402
 class Candidate:
     name: str
     command: list[str]
+    inputs: list[Path]
     output: Path
     walls: list[float] = field(default_factory=list)
     rss: list[int] = field(default_factory=list)
 
 
+def warm(directories: list[Path]) -> None:
+    """Read every file of `directories`, to start a run with them in the page cache."""
+    for directory in directories:
+        for path in directory.iterdir():
+            with path.open("rb") as f:
+                while f.read(1 << 24):
+                    pass
+
+
 def run(candidate: Candidate) -> None:
     shutil.rmtree(candidate.output, ignore_errors=True)
+    warm(candidate.inputs)
     started = time.perf_counter()
     process = subprocess.Popen(candidate.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
@@ -63,11 +75,22 @@ def candidates(workdir: Path) -> list[Candidate]:
         "import sys; from vera_export import merge, MergeOptions; "
         "merge(sys.argv[1], [sys.argv[2]], sys.argv[3], MergeOptions(progress=False, overlap=False))"
     )
+    inputs22, inputs8 = [base22, adapter22], [base8, adapter8]
     return [
-        Candidate("vera-export merge", ours(base22, adapter22, "out-ours"), workdir / "out-ours"),
-        Candidate("vera-export, no overlap (bare loop)", [python, "-c", bare_loop, str(base22), str(adapter22), str(workdir / "out-bare")], workdir / "out-bare"),
-        Candidate("PEFT path", [python, str(HERE / "peft_merge.py"), str(base22), str(adapter22), str(workdir / "out-peft")], workdir / "out-peft"),
-        Candidate("vera-export merge, 8 layers", ours(base8, adapter8, "out-ours-8"), workdir / "out-ours-8"),
+        Candidate("vera-export merge", ours(base22, adapter22, "out-ours"), inputs22, workdir / "out-ours"),
+        Candidate(
+            "vera-export, no overlap (bare loop)",
+            [python, "-c", bare_loop, str(base22), str(adapter22), str(workdir / "out-bare")],
+            inputs22,
+            workdir / "out-bare",
+        ),
+        Candidate(
+            "PEFT path",
+            [python, str(HERE / "peft_merge.py"), str(base22), str(adapter22), str(workdir / "out-peft")],
+            inputs22,
+            workdir / "out-peft",
+        ),
+        Candidate("vera-export merge, 8 layers", ours(base8, adapter8, "out-ours-8"), inputs8, workdir / "out-ours-8"),
     ]
 
 
@@ -97,7 +120,8 @@ def report(results: list[Candidate], rounds: int) -> str:
         "TinyLlama-1.1B-shaped random bf16 checkpoint (22 layers, hidden 2048, intermediate 5632, 32 heads, 4 KV heads,",
         "vocab 32000, three shards of at most 1 GB), all-linear VeRA adapter (q, k, v, o, gate, up, down; r=256; stored",
         f"projections; random non-zero lambdas). {rounds} rounds, candidates interleaved; each run is a whole process.",
-        "Inputs in the page cache, outputs written without fsync. Produced by `python benchmarks/merge_bench.py`.",
+        "Inputs read into the page cache before each run, outputs written without fsync. Produced by",
+        "`python benchmarks/merge_bench.py`.",
         "",
         "| candidate | best wall (s) | median wall (s) | peak RSS (MiB) |",
         "| --- | ---: | ---: | ---: |",
