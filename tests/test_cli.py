@@ -161,6 +161,9 @@ def test_to_lora_and_embed_projections(fixture_root, tmp_path) -> None:
     assert report["rank"] == 4 and not report["exact"] and 0 < report["total_truncation_error"] < 1
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert "warning:" in result.stderr  # vLLM refuses trained biases
+    assert "truncating layers to rank 4" in result.stderr  # the progress bar's label
+    quiet = run("to-lora", "--base", base, "--adapter", adapter, "--output", tmp_path / "quiet", "--quiet", "--json")
+    assert quiet.exit_code == 0 and "layers" not in quiet.stderr
     result = run("embed-projections", "--base", base, "--adapter", adapter, "--output", tmp_path / "embedded")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "embedded" / "adapter_config.json").read_text())["save_projection"] is True

@@ -330,8 +330,9 @@ def onnx_adapter_command(model_dir, adapters, output, force, allow_pickle, as_js
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory once the new one is complete.")
 @_allow_pickle
 @_rounding
+@_quiet
 @_json
-def to_lora_command(base, adapter, output, rank, dtype, force, allow_pickle, rounding, as_json):
+def to_lora_command(base, adapter, output, rank, dtype, force, allow_pickle, rounding, quiet, as_json):
     """Export a VeRA adapter as a plain PEFT LoRA adapter, exactly or truncated to rank K.
 
     Warns where vLLM would refuse the result (rank above 16, modules_to_save, trained biases).
@@ -340,7 +341,7 @@ def to_lora_command(base, adapter, output, rank, dtype, force, allow_pickle, rou
     Example:
       vera-export to-lora --base ./llama --adapter ./my-vera --output ./my-lora --rank 16
     """
-    options = MergeOptions(force=force, allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=False)
+    options = MergeOptions(force=force, allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=not quiet)
     report = to_lora(base, adapter, output, rank=rank, dtype=dtype, options=options)
     _warn(report.warnings)
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.text())

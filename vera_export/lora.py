@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from .errors import AdapterError
 from .options import MergeOptions
 from .outputs import staged_output
 from .plan import LayerDelta, build_plan
+from .progress import progress_bar
 from .safetensors_io import ShardedTensorIndex, save_tensors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -143,7 +144,7 @@ def to_lora(
         output: Directory to create; written in full or not at all.
         rank: None for the exact export at the adapter's r; K < r for the best rank-K approximation per layer.
         dtype: Dtype of `lora_A` / `lora_B`: "float32" (default), "bfloat16" or "float16".
-        options: `force`, `fsync`, `allow_pickle` and `rounding` are used.
+        options: `force`, `fsync`, `allow_pickle`, `rounding` and `progress` (a bar over the layers) are used.
 
     Raises:
         AdapterError, IncompatibleAdapterError, OutputError: Bad inputs; the message says which and why.
@@ -164,7 +165,11 @@ def to_lora(
         rank = None
     report = LoraReport(output, rank or r, str(out_dtype).removeprefix("torch."), exact=rank is None)
 
-    tensors, report.layers, report.total_truncation_error = _export_layers(plan.deltas.values(), rank, out_dtype)
+    label = "exporting layers" if rank is None else f"truncating layers to rank {rank}"
+    with progress_bar(len(plan.deltas), label, options.progress) as advance:
+        tensors, report.layers, report.total_truncation_error = _export_layers(
+            plan.deltas.values(), rank, out_dtype, advance
+        )
     extra = _trained_tensors(vera, options.allow_pickle)
     tensors.update(extra)
     report.carried = sorted(extra)
@@ -258,9 +263,12 @@ def product_norm(lora_A: torch.Tensor, lora_B: torch.Tensor) -> float:
 
 
 def _export_layers(
-    layers: Iterable[list[LayerDelta]], rank: int | None, dtype: torch.dtype
+    layers: Iterable[list[LayerDelta]], rank: int | None, dtype: torch.dtype, advance: Callable[[int], None]
 ) -> tuple[dict[str, torch.Tensor], list[LoraLayer], float]:
-    """Every layer's `lora_A` / `lora_B` by checkpoint key, their report lines and the total truncation error."""
+    """Every layer's `lora_A` / `lora_B` by checkpoint key, their report lines and the total truncation error.
+
+    Calls `advance(1)` after each layer.
+    """
     tensors: dict[str, torch.Tensor] = {}
     reports: list[LoraLayer] = []
     kept, dropped = 0.0, 0.0
@@ -271,6 +279,7 @@ def _export_layers(
         tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = lora_A, lora_B
         reports.append(layer)
         kept, dropped = kept + energy, dropped + energy * layer.truncation_error**2
+        advance(1)
     return tensors, reports, (dropped / kept) ** 0.5 if kept > 0 else 0.0
 
 

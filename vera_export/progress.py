@@ -11,7 +11,7 @@ import click
 
 @contextlib.contextmanager
 def progress_bar(total: int, label: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """Yield a function that advances a bar of `total` units (bytes) by its argument."""
+    """Yield a function that advances a bar of `total` units (bytes, layers) by its argument."""
     if not enabled:
         yield lambda n: None
         return
