@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
-from vera_export.fold import VeraDelta, _CancellationGuard, compute_dtype, fold
+from vera_export.fold import VeraDelta, _CancellationGuard, compute_dtype, fold, narrow
 from vera_export.verification import ulp
 
 
@@ -197,3 +198,95 @@ def test_a_few_cancelling_elements_in_a_large_weight_are_repaired(dtype, fan_in_
     reference = weight.double() + left @ right  # float64 is close enough away from the spots
     off = (merged.double() - reference).abs() > ulp(reference, dtype)
     assert {(int(i), int(j)) for i, j in off.nonzero()} <= set(spots)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_exact_recompute_is_exact_for_factors_below_float32_range(dtype) -> None:
+    """Factor entries near 1e-44 (lambda_b at float32's smallest normal times a 1e-6 projection entry) whose terms
+    cancel exactly: the exact path must return 0, which needs every partial product to be exact."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        lambda_b = (torch.rand(1, generator=g) + 1) * 1.2e-38
+        entry = (torch.rand(1, generator=g) + 1) * 1e-6
+        lambda_d = ((torch.rand(1, generator=g) + 1) * 1e30).repeat(2)
+        a = (torch.rand(1, generator=g) + 1) * 0.3
+        vera_A = torch.stack([a, -a / 2])  # (r=2, in=1): the two terms cancel exactly against vera_B's 1 : 2
+        delta = VeraDelta(lambda_b, lambda_d, vera_A, torch.stack([entry, 2 * entry], dim=1), 1, 1)
+        assert not delta.fits_float32()
+        left, right = delta.factors()
+        weight = torch.zeros(1, 1, dtype=dtype)
+        assert _ulp_errors(fold(weight, [delta]), _exact(weight, [(left, right)])).max() <= 1.0
+
+
+@pytest.mark.parametrize("tiny_lambda", [False, True], ids=["float32 fold", "float64 fold"])
+def test_a_sum_just_below_the_overflow_threshold_rounds_to_the_largest_value(tiny_lambda: bool) -> None:
+    """65504 + (16 - 2**-20) is below float16's overflow threshold 65520: correctly rounded it is 65504. In float32
+    the sum rounds up to 65520, and torch's float64 -> float16 conversion rounds twice; neither may give inf or
+    an error."""
+    vera_A = torch.tensor([[16 - 2.0**-20], [0.5]])
+    lambda_d = torch.tensor([1.0, 1e-39 if tiny_lambda else 0.0])  # a tiny lambda makes the fold run in float64
+    delta = VeraDelta(torch.ones(1), lambda_d, vera_A, torch.ones(1, 2), 1, 1)
+    assert delta.fits_float32() is not tiny_lambda
+    merged = fold(torch.tensor([[65504.0]], dtype=torch.float16), [delta])
+    assert merged.item() == 65504.0
+
+
+def test_a_sum_past_the_overflow_threshold_is_refused() -> None:
+    delta = VeraDelta(torch.ones(1), torch.ones(1), torch.tensor([[16.0]]), torch.ones(1, 1), 1, 1)
+    with pytest.raises(FloatingPointError, match="overflows torch.float16 at row 0, column 0"):
+        fold(torch.tensor([[65504.0]], dtype=torch.float16), [delta])
+
+
+@pytest.mark.parametrize(
+    "lambda_b, lambda_d, vera_A, vera_B",
+    [
+        # Terms of +-2.4e38 that cancel to 0: partial sums overflow float32.
+        ([3e38], [1.0] * 4, [[0.9], [0.9], [-0.9], [-0.9]], [[0.9, 0.9, 0.9, 0.9]]),
+        # lambda_b * vera_B = 1e39 overflows float32; the delta is 5e8.
+        ([1e37], [1e-30], [[0.5]], [[100.0]]),
+    ],
+    ids=["partial sums", "factor"],
+)
+def test_factors_beyond_float32_range_fold_in_float64(lambda_b, lambda_d, vera_A, vera_B) -> None:
+    delta = VeraDelta(*(torch.tensor(t) for t in (lambda_b, lambda_d, vera_A, vera_B)), 1, 1)
+    assert not delta.fits_float32()
+    weight = torch.zeros(1, 1, dtype=torch.bfloat16)
+    merged = fold(weight, [delta])
+    assert _ulp_errors(merged, _exact(weight, [delta.factors()])).max() <= 1.0
+
+
+def test_a_nan_weight_does_not_hide_its_rows_cancelling_elements() -> None:
+    """NaN stays NaN where the base has it, and the rest of its row is still guarded."""
+    g = torch.Generator().manual_seed(5)
+    rows, cols, r = 8, 300, 16
+    lambda_b, lambda_d = torch.rand(rows, generator=g) + 0.5, torch.rand(r, generator=g) + 0.5
+    vera_A, vera_B = torch.rand(r, cols, generator=g) - 0.5, torch.rand(rows, r, generator=g) - 0.5
+    spots = [(i, 10 + i) for i in range(rows)]
+    for i, j in spots:  # as above: delta[i, j] cancels to almost nothing
+        u = lambda_b[i].double() * vera_B[i].double() * lambda_d.double()
+        column = vera_A[:, j].double()
+        vera_A[:, j] = (column - (column @ u) / (u @ u) * u).float()
+    delta = VeraDelta(lambda_b, lambda_d, vera_A, vera_B, cols, rows)
+    left, right = delta.factors()
+    weight = torch.randn(rows, cols, generator=g, dtype=torch.float64).to(torch.bfloat16)
+    weight[:, 0] = float("nan")
+    for i, j in spots:
+        weight[i, j] = 0.0
+    merged = fold(weight, [delta])
+    assert merged[:, 0].isnan().all()
+    exact = [[sum(Fraction(a) * Fraction(b) for a, b in zip(left[i].tolist(), right[:, j].tolist()))] for i, j in spots]
+    picked = torch.stack([merged[i, j] for i, j in spots]).reshape(-1, 1)
+    assert _ulp_errors(picked, exact).max() <= 1.0
+
+
+def test_narrow_rounds_float64_once() -> None:
+    """Against numpy's direct float64 -> float16 rounding, on values built to sit next to float16 midpoints."""
+    g = torch.Generator().manual_seed(0)
+    halves = torch.randn(20000, generator=g, dtype=torch.float64).to(torch.float16).double()
+    spacing = ulp(halves.to(torch.float16), torch.float16)
+    values = halves + spacing / 2 + torch.randint(-3, 4, halves.shape, generator=g) * 2.0**-40 * spacing
+    values = torch.cat([values, torch.tensor([65519.999999, 65520.0, -65519.9999, 1e300, float("inf"), 0.0, -0.0])])
+    with np.errstate(over="ignore"):  # 1e300 -> inf, as intended
+        expected = torch.from_numpy(values.numpy().astype(np.float16))
+    assert torch.equal(narrow(values, torch.float16).view(torch.int16), expected.view(torch.int16))
+    assert not torch.equal(values.to(torch.float16).view(torch.int16), expected.view(torch.int16))  # torch's own

@@ -19,8 +19,9 @@ of recomputed elements.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,9 @@ _SIGNIFICAND_BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24, to
 _CHUNK = 4096
 # Past one candidate in _DENSE elements of a block, the block is recomputed with one float64 product instead.
 _DENSE = 256
+# Factor entries and partial sums stay below this in float32 (far from its 2**128 overflow, leaving room for the
+# weight and for the guard's own bound), else the fold runs in float64.
+_FLOAT32_HEADROOM = 2.0**100
 
 
 def compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -64,22 +68,27 @@ class VeraDelta:
     in_features: int
     out_features: int
     fan_in_fan_out: bool = False
-    projection_floor: float | None = None  # a lower bound of the smallest non-zero |entry| of vera_A and vera_B
+    # Bounds of the non-zero |entries| of vera_A and vera_B (computed from the sliced projections when None).
+    projection_floor: float | None = None
+    projection_ceiling: float | None = None
 
-    def float32_factors_exact_enough(self) -> bool:
-        """Whether each float32 factor entry is within float32's relative rounding of its exact value.
+    def fits_float32(self) -> bool:
+        """Whether the fold's float32 error bound holds for this delta: no factor entry, product or partial sum
+        leaves float32's normal range.
 
-        True unless some product of a lambda and a projection entry, both non-zero, falls below float32's smallest
-        normal number (for example lambdas near 1e-39): such entries are subnormal or zero and the fold's error
-        bound, which is relative, would not hold for them.
+        False only for lambdas at the ends of float32's range (near 1e-38 or 1e38): a factor entry below the
+        smallest normal number keeps too few bits for a relative bound, and one past the largest becomes infinite.
         """
-        tiny = torch.finfo(torch.float32).tiny
-        projections = self.projection_floor
-        if projections is None:
+        floor, ceiling = self.projection_floor, self.projection_ceiling
+        if floor is None or ceiling is None:
             in_side, out_side = self.vera_A[:, : self.in_features], self.vera_B[: self.out_features]
-            projections = min(smallest_magnitude(in_side), smallest_magnitude(out_side))
-        lambdas = min(smallest_magnitude(self.lambda_b), smallest_magnitude(self.lambda_d))
-        return lambdas * projections >= tiny
+            floor = min(smallest_magnitude(in_side), smallest_magnitude(out_side))
+            ceiling = max(largest_magnitude(in_side), largest_magnitude(out_side))
+        smallest = min(smallest_magnitude(self.lambda_b), smallest_magnitude(self.lambda_d)) * floor
+        largest_b, largest_d = largest_magnitude(self.lambda_b) * ceiling, largest_magnitude(self.lambda_d) * ceiling
+        # Every partial sum of a product's k terms is at most k * largest_b * largest_d.
+        largest = max(largest_b, largest_d, len(self.lambda_d) * largest_b * largest_d)
+        return smallest >= torch.finfo(torch.float32).tiny and largest <= _FLOAT32_HEADROOM
 
     def factors(self, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
         """`(left, right)` with `left @ right = delta_W` in the weight's layout, each product rounded once to `dtype`.
@@ -108,6 +117,30 @@ def smallest_magnitude(tensor: torch.Tensor) -> float:
     """The smallest non-zero |element| (in float64), or infinity when there is none."""
     magnitudes = tensor.abs().double()
     return magnitudes.masked_fill_(magnitudes == 0, math.inf).min().item() if tensor.numel() else math.inf
+
+
+def largest_magnitude(tensor: torch.Tensor) -> float:
+    """The largest |element| (in float64), or 0 when there is none."""
+    return tensor.abs().double().max().item() if tensor.numel() else 0.0
+
+
+def narrow(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`values` rounded once, to nearest, to `dtype`.
+
+    torch rounds float64 to float16 and bfloat16 by way of float32, twice, which can land one ulp off at a
+    midpoint, and turn a sum just below the overflow threshold into infinity. Rounding to odd in float32 first
+    (toward zero, then the last bit set if anything was lost) keeps the information the second rounding needs:
+    float32's 24 bits are at least 2 more than float16's 11 and bfloat16's 8.
+    """
+    if values.dtype != torch.float64 or dtype in (torch.float32, torch.float64):
+        return values.to(dtype)
+    nearest = values.to(torch.float32)
+    toward_zero = torch.where(
+        nearest.double().abs() > values.abs(), torch.nextafter(nearest, torch.zeros_like(nearest)), nearest
+    )
+    inexact = toward_zero.double() != values
+    odd = torch.where(inexact, toward_zero.view(torch.int32) | 1, toward_zero.view(torch.int32))
+    return odd.view(torch.float32).to(dtype)
 
 
 def _scale(vector: torch.Tensor, matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -148,8 +181,8 @@ def fold(
     if out is None:
         out = torch.empty_like(weight)
     dtype = compute_dtype(weight.dtype)
-    if dtype == torch.float32 and not all(delta.float32_factors_exact_enough() for delta in deltas):
-        dtype = torch.float64  # lambdas near float32's underflow: products of two float32 values never underflow float64
+    if dtype == torch.float32 and not all(delta.fits_float32() for delta in deltas):
+        dtype = torch.float64  # products of two float32 values never leave float64's normal range
     factors = [delta.factors(dtype) for delta in deltas]
     left_c = torch.cat([left for left, _ in factors], dim=1) if len(factors) > 1 else factors[0][0]
     right_c = torch.cat([right for _, right in factors], dim=0) if len(factors) > 1 else factors[0][1]
@@ -160,16 +193,38 @@ def fold(
     shape = (min(block_rows, rows), weight.shape[1])
     buffer = torch.empty(shape, dtype=dtype, device=weight.device)
     scratch = torch.empty(shape, dtype=dtype, device=weight.device)
-    for start in range(0, rows, block_rows):
-        stop = min(start + block_rows, rows)
-        block = buffer[: stop - start]
-        torch.mm(left_c[start:stop], right_c, out=block)
-        # Converting first and adding in one dtype is twice as fast as a mixed-dtype add.
-        block.add_(scratch[: stop - start].copy_(weight[start:stop]))
-        guard.inspect(block, weight[start:stop], start, scratch[: stop - start])
-        out[start:stop].copy_(block)
+    with _full_float32_matmul(weight.device):
+        for start in range(0, rows, block_rows):
+            stop = min(start + block_rows, rows)
+            block = buffer[: stop - start]
+            torch.mm(left_c[start:stop], right_c, out=block)
+            # Converting first and adding in one dtype is twice as fast as a mixed-dtype add.
+            block.add_(scratch[: stop - start].copy_(weight[start:stop]))
+            guard.inspect(block, weight[start:stop], start, scratch[: stop - start])
+            _store(out[start:stop], block)
     guard.repair(out)
     return out
+
+
+def _store(target: torch.Tensor, values: torch.Tensor) -> None:
+    """`target[...] = values`, rounded once to `target`'s dtype."""
+    if values.dtype == torch.float64 and target.dtype in (torch.float16, torch.bfloat16):
+        values = narrow(values, target.dtype)
+    target.copy_(values)
+
+
+@contextlib.contextmanager
+def _full_float32_matmul(device: torch.device) -> Iterator[None]:
+    """Float32 products in full float32 on CUDA, whatever the caller allowed (TF32 breaks the error bound)."""
+    if device.type != "cuda":
+        yield
+        return
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
 class _CancellationGuard:
@@ -203,8 +258,10 @@ class _CancellationGuard:
         half_spacing = info.eps * 2.0 ** (math.floor(math.log2(info.max)) - 1)
         self.overflow = info.max + half_spacing
         u = torch.finfo(dtype).eps / 2
-        # 1 + 2**-10 on top: the test itself is computed in the compute dtype.
-        self.scale = gamma(k + 2, dtype) / (self.margin - 2 * u) * (1 + 2.0**-10)
+        # 1 + 2**-10 on top: the tests themselves are computed in the compute dtype.
+        self.error_scale = gamma(k + 2, dtype) * (1 + 2.0**-10)
+        self.scale = self.error_scale / (self.margin - 2 * u)
+        self.overflow_limit = self.overflow * (1 - 8 * u)
         self.gamma64 = gamma(k + 2, torch.float64)
         self.exact_compute = dtype == torch.float64
         self.deltas, self.alpha = deltas, alpha
@@ -212,8 +269,8 @@ class _CancellationGuard:
         # could take off, so the bound never comes out too small.
         # Squared in float64, where squares of float32 values neither underflow nor overflow.
         nudge = 1 + 2 * gamma(k + 2, dtype)
-        self.row_norms = left.double().square().sum(dim=1).sqrt() * nudge
-        self.col_norms = right.double().square().sum(dim=0).sqrt() * nudge
+        self.row_norms = left.to(torch.float64, copy=True).square_().sum(dim=1).sqrt_() * nudge
+        self.col_norms = right.to(torch.float64, copy=True).square_().sum(dim=0).sqrt_() * nudge
         self.row_norms_c, self.col_norms_c = self.row_norms.to(dtype), self.col_norms.to(dtype)
         largest_delta = (self.row_norms.max() * self.col_norms.max()).item() if left.numel() and right.numel() else 0.0
         self.may_overflow = largest_delta >= half_spacing
@@ -228,14 +285,17 @@ class _CancellationGuard:
 
     def inspect(self, block: torch.Tensor, weight: torch.Tensor, start: int, scratch: torch.Tensor) -> None:
         """Note the elements of one computed block that may need repair (a few passes over the block)."""
-        torch.abs(block, out=scratch)
-        if self.may_overflow and not scratch.amax() < self.overflow and torch.isfinite(weight).all():
-            raise FloatingPointError(f"overflows {self.out_dtype} (or gives NaN) in rows {start}-{start + len(block) - 1}")
-        scratch.addr_(self.row_norms_c[start : start + len(block)], self.col_norms_c, alpha=-self.scale)
         if block.numel() == 0:
             return
-        # Suspects are rare and scattered: find their rows first, then look only there.
-        rows = (scratch.amin(dim=1) < 0).nonzero().flatten()
+        row_norms = self.row_norms_c[start : start + len(block)]
+        torch.abs(block, out=scratch)
+        if self.may_overflow:
+            self._note_near_overflow(scratch, row_norms, weight, start)
+        scratch.addr_(row_norms, self.col_norms_c, alpha=-self.scale)
+        # Suspects are rare and scattered: find their rows first, then look only there. A NaN (from a NaN weight)
+        # makes its row's minimum NaN, which must not hide the row's other elements.
+        minima = scratch.amin(dim=1)
+        rows = ((minima < 0) | minima.isnan()).nonzero().flatten()
         if rows.numel() == 0:
             return
         where = (scratch[rows] < 0).nonzero()
@@ -248,11 +308,23 @@ class _CancellationGuard:
             block_rows = torch.arange(start, start + len(block), device=block.device)
             recomputed = torch.addmm(weight.double(), self._exact_left(block_rows), self._all_columns)[i, j]
             safe = self._safe(start + i, j, w, recomputed)
-            block[i[safe], j[safe]] = recomputed[safe].to(block.dtype)
+            block[i[safe], j[safe]] = narrow(recomputed[safe], self.out_dtype).to(block.dtype)
             i, j, w = i[~safe], j[~safe], w[~safe]
             if not i.numel():
                 return
         self.suspects.append((start + i, j, w))
+
+    def _note_near_overflow(self, magnitudes: torch.Tensor, row_norms: torch.Tensor, weight: torch.Tensor, start: int) -> None:
+        """Note the elements whose sum may round to infinity (or is not finite) where the weight is finite.
+
+        The computed sum is within `gamma_{k+2} S + u |y|` of exact, so below the limit with that added it cannot
+        overflow; the others are decided from their recomputed value in `repair`.
+        """
+        bound = torch.addr(magnitudes, row_norms, self.col_norms_c, alpha=self.error_scale)
+        near = ~(bound < self.overflow_limit) & torch.isfinite(weight)
+        if near.any():
+            i, j = near.nonzero().unbind(1)
+            self.suspects.append((start + i, j, weight[i, j].double()))
 
     def repair(self, out: torch.Tensor) -> None:
         """Recompute every noted element from exact factors, rounding straight from float64 (or exact) into `out`."""
@@ -264,11 +336,20 @@ class _CancellationGuard:
             if not self.exact_compute:
                 recomputed = (left * right).sum(dim=1).add_(cw)
                 safe = self._safe(ci, cj, cw, recomputed)
-                out[ci[safe], cj[safe]] = recomputed[safe].to(out.device, out.dtype)
+                self._write(out, ci[safe], cj[safe], recomputed[safe])
                 unsafe = ~safe
                 ci, cj, cw, left, right = ci[unsafe], cj[unsafe], cw[unsafe], left[unsafe], right[unsafe]
             if ci.numel():
-                out[ci, cj] = _exact_sums(cw, left, right).to(out.device, out.dtype)
+                self._write(out, ci, cj, _exact_sums(cw, left, right))
+
+    def _write(self, out: torch.Tensor, i: torch.Tensor, j: torch.Tensor, sums: torch.Tensor) -> None:
+        """`out[i, j] = sums` (float64, correctly rounded or exact), rounded once; the sums' weights are finite."""
+        rounded = narrow(sums, out.dtype)
+        infinite = ~torch.isfinite(rounded)
+        if infinite.any():
+            n = int(infinite.nonzero()[0, 0])
+            raise FloatingPointError(f"overflows {out.dtype} at row {int(i[n])}, column {int(j[n])}")
+        out[i, j] = rounded.to(out.device)
 
     def _safe(self, i: torch.Tensor, j: torch.Tensor, w: torch.Tensor, recomputed: torch.Tensor) -> torch.Tensor:
         """Whether float64 vouches for each recomputed element (same test, with float64's error bound)."""
@@ -285,14 +366,19 @@ def gamma(n: int, dtype: torch.dtype) -> float:
 def _exact_sums(w: torch.Tensor, left_rows: torch.Tensor, right_cols: torch.Tensor) -> torch.Tensor:
     """`w + sum(left_rows * right_cols, dim=1)` correctly rounded to float64, via error-free products.
 
-    Factors are exact products of two float32 values, so they have at most 48 significant bits: splitting each
-    into a float32 head and a tail makes every partial product exact in float64, and `math.fsum` adds exactly.
+    Factors are exact products of two float32 values: float64 numbers between about 1e-90 and 1e77. Veltkamp's
+    split cuts each into two halves of at most 26 significant bits, so every partial product is exact in float64
+    (far from its underflow), and `math.fsum` adds exactly.
     """
-    l = left_rows.cpu().numpy()
-    r = right_cols.cpu().numpy()
-    l_hi = l.astype(np.float32).astype(np.float64)
-    r_hi = r.astype(np.float32).astype(np.float64)
-    l_lo, r_lo = l - l_hi, r - r_hi
+    l_hi, l_lo = _split(left_rows.cpu().numpy())
+    r_hi, r_lo = _split(right_cols.cpu().numpy())
     parts = np.concatenate([l_hi * r_hi, l_hi * r_lo, l_lo * r_hi, l_lo * r_lo], axis=1)
     sums = [math.fsum([wk, *row]) for wk, row in zip(w.cpu().tolist(), parts)]
     return torch.tensor(sums, dtype=torch.float64)
+
+
+def _split(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Veltkamp's split: `x = hi + lo` exactly, each with at most 26 significant bits (for |x| below 1e300)."""
+    c = x * 134217729.0  # 2**27 + 1
+    hi = c - (c - x)
+    return hi, x - hi

@@ -16,7 +16,7 @@ import torch
 
 from .adapter import VeraAdapter
 from .errors import IncompatibleAdapterError
-from .fold import VeraDelta, smallest_magnitude
+from .fold import VeraDelta, largest_magnitude, smallest_magnitude
 from .projections import Rounding, generate_projections
 from .targets import TargetLayer, match_layers, projection_dims, untrained_targets
 
@@ -38,8 +38,13 @@ class Projections:
 
     @functools.cached_property
     def floor(self) -> float:
-        """The smallest non-zero |entry| of either projection (see `VeraDelta.float32_factors_exact_enough`)."""
+        """The smallest non-zero |entry| of either projection (see `VeraDelta.fits_float32`)."""
         return min(smallest_magnitude(self.vera_A), smallest_magnitude(self.vera_B))
+
+    @functools.cached_property
+    def ceiling(self) -> float:
+        """The largest |entry| of either projection (see `VeraDelta.fits_float32`)."""
+        return max(largest_magnitude(self.vera_A), largest_magnitude(self.vera_B))
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class LayerDelta:
             t.out_features,
             t.fan_in_fan_out,
             projection_floor=self.projections.floor,
+            projection_ceiling=self.projections.ceiling,
         )
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
