@@ -184,7 +184,7 @@ def _assemble(path: Path, config: VeraConfig, tensors: dict[str, torch.Tensor]) 
     for key, tensor in tensors.items():
         projection = next((name for name, k in PROJECTION_KEYS.items() if key == k), None)
         if projection is not None:
-            projections[projection] = tensor
+            projections[projection] = _as_float32(tensor)
         elif not key.startswith(_MODEL_PREFIX):
             problems.append(f"unexpected tensor {key!r}")
         elif key.endswith((".vera_lambda_b", ".vera_lambda_d")):
@@ -207,7 +207,7 @@ def _assemble(path: Path, config: VeraConfig, tensors: dict[str, torch.Tensor]) 
             problems.append(f"{module}: lambdas must be vectors, found shapes {list(lambda_b.shape)} and {list(lambda_d.shape)}")
         elif lambda_d.numel() != config.r:
             problems.append(f"{module}.vera_lambda_d has length {lambda_d.numel()} but r is {config.r}")
-        layers[module] = VeraLayer(module, lambda_b, lambda_d)
+        layers[module] = VeraLayer(module, _as_float32(lambda_b), _as_float32(lambda_d))
     if not layers:
         problems.append("no vera_lambda_b / vera_lambda_d tensors")
 
@@ -239,6 +239,12 @@ def _assemble(path: Path, config: VeraConfig, tensors: dict[str, torch.Tensor]) 
     if problems:
         raise AdapterError(f"{file}: " + "; ".join(problems))
     return VeraAdapter(path, config, layers, vera_A, vera_B, replacements, notes)
+
+
+def _as_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """PEFT holds lambdas and projections in float32 parameters and buffers, so other float dtypes load rounded
+    (float64) or widened (16-bit) to float32; the fold's exactness rests on it."""
+    return tensor.float() if tensor.is_floating_point() else tensor
 
 
 class _ConfigFields:
