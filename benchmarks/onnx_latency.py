@@ -32,7 +32,7 @@ import onnxruntime as ort
 import torch
 import transformers
 
-from vera_export.onnx_adapter import onnx_adapter
+from vera_export.ort_adapter import onnx_adapter
 from vera_export.onnx_export import MODEL_NAME, OnnxOptions, onnx
 
 THREADS = 2

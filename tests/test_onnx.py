@@ -6,6 +6,8 @@ Exports take 5 to 15 s each, so every graph is exported once per module (`export
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ import torch
 
 from fixtures.build import ADAPTERS, randomize_trainables
 from vera_export import AdapterError, CheckpointError, IncompatibleAdapterError, OutputError
-from vera_export.onnx_adapter import MANIFEST_NAME, VERA_A, VERA_B, Manifest, lambda_input, onnx_adapter, tensor_input
+from vera_export.ort_adapter import MANIFEST_NAME, VERA_A, VERA_B, Manifest, lambda_input, onnx_adapter, tensor_input
 from vera_export.onnx_export import OnnxOptions, OnnxReport, _resolve, resolve_task, session, verify_onnx
 from vera_export.onnx_export import onnx as export_onnx
 from vera_export.projections import Rounding, generate_projections
@@ -284,6 +286,13 @@ def test_adapter_file_refuses_missing_tensors_merged_graphs_and_existing_files(e
     assert file.read_text() == "keep me"
     with pytest.raises(CheckpointError, match=MANIFEST_NAME):
         onnx_adapter(tmp_path, qv, tmp_path / "y.onnx_adapter")
+    # Not even --force writes over the graph or into an input directory.
+    graph = exports["llama-adapter"].directory / "model.onnx"
+    before = graph.read_bytes()
+    for inside in (graph, qv / "x.onnx_adapter"):
+        with pytest.raises(OutputError, match="overlaps the input"):
+            onnx_adapter(exports["llama-adapter"].directory, qv, inside, force=True)
+    assert graph.read_bytes() == before and not (qv / "x.onnx_adapter").exists()
 
 
 def test_verify_onnx_catches_the_wrong_adapter(exports) -> None:
@@ -359,3 +368,12 @@ def test_16bit_base_projections_are_peft_s(fixture_root) -> None:
     key, r = pinned.config.projection_prng_key, pinned.config.r
     raw_A, _ = generate_projections(key, r, pinned.vera_A.shape[1], pinned.vera_B.shape[0])
     assert not torch.equal(raw_A, pinned.vera_A)
+
+
+@pytest.mark.parametrize("first", ["", "from vera_export import onnx; "], ids=["alone", "after onnx"])
+def test_top_level_onnx_names_are_the_functions(first: str) -> None:
+    """The ONNX names load lazily; whatever was imported first, each is the function, never a submodule."""
+    names = "onnx, onnx_adapter, verify_onnx"
+    code = f"{first}from vera_export import {names}; assert all(callable(f) for f in ({names}))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -28,7 +28,7 @@ from fixtures.build import ADAPTERS, randomize_trainables
 from vera_export import CheckpointError, IncompatibleAdapterError
 from vera_export.bank import RowSelectedLayerNorm, RowSelectedLinear, RowSelection, VeraBankLinear
 from vera_export.layers import VeraLinear
-from vera_export.onnx_adapter import (
+from vera_export.ort_adapter import (
     ADAPTERS_AXIS,
     MANIFEST_NAME,
     VERA_A,

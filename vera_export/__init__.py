@@ -54,8 +54,8 @@ __all__ = [
 
 # ONNX's libraries take seconds to import; they load on first use of these names.
 _LAZY = {
-    "OnnxAdapterReport": "onnx_adapter",
-    "onnx_adapter": "onnx_adapter",
+    "OnnxAdapterReport": "ort_adapter",
+    "onnx_adapter": "ort_adapter",
     "OnnxReport": "onnx_export",
     "onnx": "onnx_export",
     "verify_onnx": "onnx_export",

@@ -31,7 +31,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .adapter import VeraAdapter
 from .errors import IncompatibleAdapterError
-from .onnx_adapter import lambda_input, tensor_input
+from .ort_adapter import lambda_input, tensor_input
 from .plan import Plan, Projections, TensorSpec, build_plan, pin_projections
 from .projections import Rounding
 from .targets import TargetLayer
@@ -283,7 +283,7 @@ def apply_bank(model: nn.Module, bank: Bank, tables: Mapping[str, nn.Parameter])
     Args:
         model: The base model, in the dtype of `tables`.
         bank: From `build_bank`.
-        tables: The tables by graph input name (`onnx_adapter.lambda_input`, `onnx_adapter.tensor_input`), each
+        tables: The tables by graph input name (`ort_adapter.lambda_input`, `ort_adapter.tensor_input`), each
             `[n, *shape]`; the module keeps these very objects, so they can be found again by identity.
 
     Returns:

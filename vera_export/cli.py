@@ -309,7 +309,7 @@ def onnx_adapter_command(model_dir, adapters, output, force, allow_pickle, as_js
       vera-export onnx-adapter --model ./llama-onnx --adapter ./other-vera --output ./other.onnx_adapter
       vera-export onnx-adapter --model ./llama-bank --adapter ./dave-vera --adapter ./erin-vera --output ./team.onnx_adapter
     """
-    from .onnx_adapter import onnx_adapter
+    from .ort_adapter import onnx_adapter
 
     report = onnx_adapter(model_dir, list(adapters), output, force=force, allow_pickle=allow_pickle)
     if as_json:

@@ -8,7 +8,7 @@ and `attention_mask` (int64, `[batch, sequence]`, both axes dynamic) and returns
 - **adapter**: each adapted layer is `layers.VeraLinear`, so the graph computes
   `W x + lambda_b * (B_s (lambda_d * (A_s x)))` with `A_s` / `B_s` sliced in the graph from the shared
   `vera.vera_A` / `vera.vera_B`, stored once. Every tensor the adapter trains is an overridable graph input with
-  the adapter's values as default (names in `onnx_adapter`), so the graph runs as the exported adapter with only
+  the adapter's values as default (names in `ort_adapter`), so the graph runs as the exported adapter with only
   `input_ids` and `attention_mask` fed, and as another one with an ONNX Runtime adapter file.
 - **bank**: the layers are `bank.VeraBankLinear` (and trained tensors `bank.RowSelected*`), holding the lambdas and
   trained tensors of all the adapters as tables `[n, ...]`; a third input, `adapter_index` (int64 `[batch]`), says
@@ -54,7 +54,7 @@ from .errors import AdapterError, CheckpointError, OutputError
 from .layers import VeraLinear, apply_vera, merge_into
 from .merging import copy_side_files
 from .modeling import load_model, model_class
-from .onnx_adapter import (
+from .ort_adapter import (
     ADAPTERS_AXIS,
     MANIFEST_NAME,
     VERA_A,
@@ -182,7 +182,7 @@ def onnx(
     """Export the base model with VeRA adapters to `OUTPUT/model.onnx`, then verify it (unless told not to).
 
     Writes `model.onnx` (and `model.onnx.data` with external data), `vera_export.json` (see
-    `onnx_adapter.Manifest`) and the base's config and tokenizer files.
+    `ort_adapter.Manifest`) and the base's config and tokenizer files.
 
     Args:
         base: Hugging Face model directory (config.json and safetensors weights).
@@ -212,7 +212,7 @@ def onnx(
             _save(graph, staging, external_data)
             del graph  # its weights, before verification loads the model twice more
             manifest.write(staging)
-            report.warnings.extend(copy_side_files(base, staging))
+            report.warnings.extend(copy_side_files(base, staging, index.shards))
             report.files = sorted(p.name for p in staging.iterdir())
             report.overridable = len(manifest.overridable)
         if options.verify:

@@ -29,17 +29,24 @@ def check_output(output: Path, inputs: Sequence[Path], force: bool) -> None:
     Raises:
         OutputError: Naming the output and what to do.
     """
-    resolved = output.resolve()
-    for source in inputs:
-        source = source.resolve()
-        if resolved == source or source in resolved.parents or resolved in source.parents:
-            raise OutputError(
-                f"{output}: the output overlaps the input {source}; choose an output directory outside the inputs"
-            )
+    check_outside_inputs(output, inputs)
     if output.exists() and not output.is_dir():
         raise OutputError(f"{output}: exists and is not a directory; choose another output path")
     if output.is_dir() and any(output.iterdir()) and not force:
         raise OutputError(f"{output}: exists and is not empty; choose another output or pass --force to replace it")
+
+
+def check_outside_inputs(output: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output (directory or file) that is, holds or lies inside an input.
+
+    Raises:
+        OutputError: Naming the output and the input it overlaps.
+    """
+    resolved = output.resolve()
+    for source in inputs:
+        source = source.resolve()
+        if resolved == source or source in resolved.parents or resolved in source.parents:
+            raise OutputError(f"{output}: the output overlaps the input {source}; choose an output outside the inputs")
 
 
 @contextlib.contextmanager
