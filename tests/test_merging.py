@@ -191,3 +191,19 @@ def test_an_adapter_saved_in_float64_loads_as_peft_loads_it(fixture_root, tmp_pa
     key = f"base_model.model.{layer.module}.vera_lambda_b"
     assert torch.equal(layer.lambda_b, tensors[key].float())
 
+
+def test_weights_other_than_the_checkpoints_own_are_not_copied_and_named(fixture_root, tmp_path) -> None:
+    """Stale weights next to the checkpoint (another format, or safetensors it does not index) would ship the
+    unmerged model beside the merged one: skipped, with a warning that names them. Other files travel along."""
+    base = tmp_path / "base"
+    shutil.copytree(base_dir(fixture_root, "llama-qv"), base)
+    (base / "pytorch_model.bin").write_bytes(b"stale")
+    (base / "extra").mkdir()
+    shutil.copy(base / "model.safetensors", base / "extra" / "model.safetensors")
+    (base / "extra" / "notes.txt").write_text("kept")
+    report = merge(base, [adapter_dir(fixture_root, "llama-qv")], tmp_path / "out", MergeOptions(progress=False))
+    (warning,) = [w for w in report.warnings if "not copied" in w]
+    assert "pytorch_model.bin" in warning and "extra/model.safetensors" in warning
+    assert not (tmp_path / "out" / "pytorch_model.bin").exists() and not (tmp_path / "out" / "extra" / "model.safetensors").exists()
+    assert (tmp_path / "out" / "extra" / "notes.txt").read_text() == "kept"
+    assert (tmp_path / "out" / "model.safetensors").is_file()

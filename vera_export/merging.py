@@ -33,7 +33,8 @@ from .safetensors_io import (
 )
 from .streams import BackgroundSink, prefetch
 
-# Weight files of other formats hold the unmerged weights; copying them would ship a stale model next to the merged one.
+# Weight files other than the checkpoint's own shards hold unmerged weights; copying them would ship a stale model
+# next to the merged one.
 _STALE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data")
 
 
@@ -124,7 +125,7 @@ def _rewrite(source: Path, adapters: list[VeraAdapter], output: Path, alpha: flo
             )
         if index.is_sharded:
             write_index(staging / INDEX_NAME, index.weight_map, index.index_metadata or {}, options.fsync)
-        report.warnings.extend(copy_side_files(source, staging))
+        report.warnings.extend(copy_side_files(source, staging, index.shards))
     report.seconds = time.perf_counter() - started
     return report
 
@@ -231,14 +232,15 @@ class _ShardWriter:
             self.writer.close()
 
 
-def copy_side_files(source: Path, staging: Path) -> list[str]:
-    """Copy every file that is not safetensors weights; skip (and report) weights of other formats."""
+def copy_side_files(source: Path, staging: Path, shards: list[Path]) -> list[str]:
+    """Copy every file but the checkpoint's own `shards` and index; skip (and report) any other weights."""
     skipped = []
+    own = {shard.resolve() for shard in shards} | {(source / INDEX_NAME).resolve()}
     for path in sorted(source.rglob("*")):
         relative = path.relative_to(source)
-        if path.is_dir() or path.suffix == ".safetensors" or relative.name == INDEX_NAME:
+        if path.is_dir() or path.resolve() in own:
             continue
-        if path.name.endswith(_STALE_WEIGHT_SUFFIXES) or path.name.endswith(".index.json"):
+        if path.name.endswith((*_STALE_WEIGHT_SUFFIXES, ".safetensors", ".index.json")):
             skipped.append(str(relative))
             continue
         target = staging / relative
