@@ -32,7 +32,10 @@ def _terminate(signum: int, frame) -> None:
 
 
 class _Group(click.Group):
-    """Turns expected errors into one line on stderr and exit code 2; `--debug` keeps the traceback."""
+    """Turns expected errors into one line on stderr and exit code 2; `--debug` keeps the traceback.
+
+    A signal that stops the run (SIGINT, SIGTERM, SIGHUP) exits 128 + its number, after staged outputs are removed.
+    """
 
     def invoke(self, ctx: click.Context):
         debug = ctx.params.get("debug", False)
@@ -48,10 +51,11 @@ class _Group(click.Group):
                     raise
                 click.echo(f"error: {exc}", err=True)
                 ctx.exit(EXIT_ERROR)
-            except _Terminated as exc:
-                name = signal.Signals(exc.args[0]).name
+            except (_Terminated, KeyboardInterrupt) as exc:
+                signum = exc.args[0] if isinstance(exc, _Terminated) else signal.SIGINT
+                name = signal.Signals(signum).name
                 click.echo(f"error: stopped by {name}; no output was left under the requested name", err=True)
-                ctx.exit(128 + exc.args[0])
+                ctx.exit(128 + signum)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
