@@ -36,7 +36,11 @@ def stage_bar(stages: Sequence[str], label: str, enabled: bool = True) -> Iterat
 
         def start(stage: str) -> None:
             nonlocal started
-            bar.update(1 if started else 0, stage)
+            if started:
+                bar.update(1, stage)
+            else:  # update(0) draws nothing: show the first stage by hand
+                bar.current_item = stage
+                bar.render_progress()
             started = True
 
         yield start
