@@ -250,7 +250,7 @@ def verify_command(base, adapters, merged, onnx_dir, full_model, allow_pickle, r
 )
 @click.option(
     "--external-data/--no-external-data", default=None,
-    help="Weights in model.onnx.data (default: only when they pass protobuf's 2 GiB).",
+    help="Weights in model.onnx.data (default: only past 1.75 GiB; protobuf cannot hold 2 GiB).",
 )
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory once the new one is complete.")
 @_allow_pickle
