@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from vera_export import MergeOptions, VeraExportError, load_adapter, verify
 from vera_export.cli import main
 from vera_export.plan import build_plan
-from vera_export.safetensors_io import SafetensorsWriter, ShardedTensorIndex
+from vera_export.safetensors_io import ShardedTensorIndex
+from vera_export.safetensors_writer import SafetensorsWriter
 
 from tests.helpers import adapter_dir, base_dir
 

@@ -1,4 +1,5 @@
-"""Tests for vera_export.safetensors_io, with the `safetensors` library as the reference for every format rule."""
+"""Tests for vera_export.safetensors_io and safetensors_writer, with the `safetensors` library as the reference for
+every format rule."""
 
 import errno
 import fcntl
@@ -17,21 +18,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, safe_open, save_file
 
-from vera_export import safetensors_io
+from vera_export import safetensors_writer
 from vera_export.errors import CheckpointError
 from vera_export.safetensors_io import (
     INDEX_NAME,
     MAX_HEADER_BYTES,
     SAFETENSORS_DTYPES,
     LazyTensorLoader,
-    SafetensorsWriter,
     ShardedTensorIndex,
     TensorInfo,
     dtype_to_safetensors,
     load_tensors,
     read_header,
-    write_index,
 )
+from vera_export.safetensors_writer import SafetensorsWriter, write_index
 
 UP = "model.layers.0.mlp.up_proj.weight"
 SHAPES = [(), (0,), (3, 0), (2, 3)]
@@ -297,7 +297,7 @@ def test_copy_from_is_byte_identical(tmp_path, source, direct):
 
 @pytest.mark.parametrize("mode", ["no_copy_file_range", "exdev", "partial_then_exdev", "copies_nothing"])
 def test_copy_from_fallback_is_byte_identical(tmp_path, source, monkeypatch, mode):
-    monkeypatch.setattr(safetensors_io, "COPY_CHUNK_BYTES", 5)  # many short chunks
+    monkeypatch.setattr(safetensors_writer, "COPY_CHUNK_BYTES", 5)  # many short chunks
     real = getattr(os, "copy_file_range", None)
     calls = []
 
@@ -919,7 +919,7 @@ def test_fuzz_random_headers(tmp_path, case):
 
 def _mixed_write(path: Path, direct: bool) -> dict[str, torch.Tensor]:
     """Tensors of awkward sizes around the direct-write chunk, written one by one."""
-    chunk = safetensors_io.DIRECT_CHUNK_BYTES
+    chunk = safetensors_writer.DIRECT_CHUNK_BYTES
     tensors = {
         "odd": random_tensor(torch.bfloat16, (3, 5), 1),
         "chunk_plus": random_tensor(torch.uint8, (chunk + 7,), 2),

@@ -28,7 +28,8 @@ from .errors import AdapterError
 from .options import MergeOptions
 from .outputs import staged_output
 from .plan import resolve_projections
-from .safetensors_io import ShardedTensorIndex, save_tensors
+from .safetensors_io import ShardedTensorIndex
+from .safetensors_writer import save_tensors
 from .targets import match_layers
 
 

@@ -35,7 +35,8 @@ from .options import MergeOptions
 from .outputs import staged_output
 from .plan import LayerDelta, build_plan
 from .progress import progress_bar
-from .safetensors_io import ShardedTensorIndex, save_tensors
+from .safetensors_io import ShardedTensorIndex
+from .safetensors_writer import save_tensors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}

@@ -23,14 +23,8 @@ from .options import MergeOptions
 from .outputs import staged_output
 from .plan import LayerDelta, build_plan
 from .progress import progress_bar
-from .safetensors_io import (
-    INDEX_NAME,
-    LazyTensorLoader,
-    SafetensorsWriter,
-    ShardedTensorIndex,
-    TensorInfo,
-    write_index,
-)
+from .safetensors_io import INDEX_NAME, LazyTensorLoader, ShardedTensorIndex, TensorInfo
+from .safetensors_writer import SafetensorsWriter, write_index
 from .streams import BackgroundSink, prefetch
 
 # Weight files other than the checkpoint's own shards hold unmerged weights; copying them would ship a stale model
