@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vera_export.fold import VeraDelta, _CancellationGuard, compute_dtype, fold, narrow
+from vera_export.fold import VeraDelta, _CancellationGuard, _full_float32_matmul, compute_dtype, fold, narrow
 from vera_export.verification import ulp
 
 
@@ -55,7 +55,7 @@ def _cancelling_weight(dtype: torch.dtype, left: torch.Tensor, right: torch.Tens
     return weight
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 def test_fold_is_within_one_ulp_of_exact(dtype: torch.dtype, fan_in_fan_out: bool) -> None:
     rows, cols, r = 24, 20, 8
@@ -229,6 +229,24 @@ def test_a_sum_just_below_the_overflow_threshold_rounds_to_the_largest_value(tin
     assert delta.fits_float32() is not tiny_lambda
     merged = fold(torch.tensor([[65504.0]], dtype=torch.float16), [delta])
     assert merged.item() == 65504.0
+
+
+def test_a_sum_closer_to_the_overflow_threshold_than_float64_resolves_is_decided_exactly() -> None:
+    """65504 + 16 - 2**-60 rounds to 65520 in float64, and so to inf; exactly it is below the threshold: 65504."""
+    delta = VeraDelta(torch.ones(1), torch.ones(2), torch.tensor([[16.0], [-(2.0**-60)]]), torch.ones(1, 2), 1, 1)
+    assert fold(torch.tensor([[65504.0]], dtype=torch.float16), [delta]).item() == 65504.0
+
+
+def test_cuda_folds_in_full_float32_whatever_tf32_setting_the_caller_chose() -> None:
+    matmul = torch.backends.cuda.matmul
+    caller = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        with _full_float32_matmul(torch.device("cuda")):
+            assert matmul.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = caller
 
 
 def test_a_sum_past_the_overflow_threshold_is_refused() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from fractions import Fraction
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -219,12 +220,15 @@ def _full_float32_matmul(device: torch.device) -> Iterator[None]:
     if device.type != "cuda":
         yield
         return
-    allowed = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    matmul = torch.backends.cuda.matmul
+    # torch >= 2.9 sets this through fp32_precision, and refuses to read the legacy flag once it has been used.
+    setting, full = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
+    caller = getattr(matmul, setting)
+    setattr(matmul, setting, full)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = allowed
+        setattr(matmul, setting, caller)
 
 
 class _CancellationGuard:
@@ -260,7 +264,13 @@ class _CancellationGuard:
         u = torch.finfo(dtype).eps / 2
         # 1 + 2**-10 on top: the tests themselves are computed in the compute dtype.
         self.error_scale = gamma(k + 2, dtype) * (1 + 2.0**-10)
-        self.scale = self.error_scale / (self.margin - 2 * u)
+        if out_dtype == dtype:
+            # Float64 weights: nothing wider to compute in, so the sum is the result and its own rounding is the
+            # output's. Elements whose product error could reach half an ulp are recomputed exactly: most of them
+            # when the delta is not small next to the weight, which is correct but slow.
+            self.scale = self.error_scale / (self.margin * (1 - 2.0**-10))
+        else:
+            self.scale = self.error_scale / (self.margin - 2 * u)
         self.overflow_limit = self.overflow * (1 - 8 * u)
         self.gamma64 = gamma(k + 2, torch.float64)
         self.exact_compute = dtype == torch.float64
@@ -289,7 +299,10 @@ class _CancellationGuard:
             return
         row_norms = self.row_norms_c[start : start + len(block)]
         torch.abs(block, out=scratch)
-        if self.may_overflow:
+        # Cheap first: the block's largest sum plus the largest error bound; NaN falls through to the full check.
+        if self.may_overflow and not (
+            scratch.amax() + self.error_scale * row_norms.amax() * self.col_norms_c.amax() < self.overflow_limit
+        ):
             self._note_near_overflow(scratch, row_norms, weight, start)
         scratch.addr_(row_norms, self.col_norms_c, alpha=-self.scale)
         # Suspects are rare and scattered: find their rows first, then look only there. A NaN (from a NaN weight)
@@ -336,19 +349,36 @@ class _CancellationGuard:
             if not self.exact_compute:
                 recomputed = (left * right).sum(dim=1).add_(cw)
                 safe = self._safe(ci, cj, cw, recomputed)
-                self._write(out, ci[safe], cj[safe], recomputed[safe])
+                self._write(out, ci[safe], cj[safe], recomputed[safe], cw[safe], left[safe], right[safe])
                 unsafe = ~safe
                 ci, cj, cw, left, right = ci[unsafe], cj[unsafe], cw[unsafe], left[unsafe], right[unsafe]
             if ci.numel():
-                self._write(out, ci, cj, _exact_sums(cw, left, right))
+                self._write(out, ci, cj, _exact_sums(cw, left, right), cw, left, right)
 
-    def _write(self, out: torch.Tensor, i: torch.Tensor, j: torch.Tensor, sums: torch.Tensor) -> None:
-        """`out[i, j] = sums` (float64, correctly rounded or exact), rounded once; the sums' weights are finite."""
+    def _write(
+        self,
+        out: torch.Tensor,
+        i: torch.Tensor,
+        j: torch.Tensor,
+        sums: torch.Tensor,
+        w: torch.Tensor,
+        left: torch.Tensor,
+        right: torch.Tensor,
+    ) -> None:
+        """`out[i, j] = sums` (float64, correctly rounded or exact) rounded once to `out`'s dtype.
+
+        A sum that rounds to infinity (its weight is finite) may be a float64 rounding of an exact sum just below
+        the overflow threshold: that is decided in exact arithmetic, from `w` and the exact factor rows `left`,
+        `right`, and the element is the dtype's largest value; past the threshold the fold is refused.
+        """
         rounded = narrow(sums, out.dtype)
-        infinite = ~torch.isfinite(rounded)
-        if infinite.any():
-            n = int(infinite.nonzero()[0, 0])
-            raise FloatingPointError(f"overflows {out.dtype} at row {int(i[n])}, column {int(j[n])}")
+        for n in (~torch.isfinite(rounded)).nonzero().flatten().tolist():
+            exact = Fraction(float(w[n])) + sum(
+                Fraction(a) * Fraction(b) for a, b in zip(left[n].tolist(), right[n].tolist())
+            )
+            if abs(exact) >= Fraction(self.overflow):
+                raise FloatingPointError(f"overflows {out.dtype} at row {int(i[n])}, column {int(j[n])}")
+            rounded[n] = math.copysign(torch.finfo(out.dtype).max, exact)
         out[i, j] = rounded.to(out.device)
 
     def _safe(self, i: torch.Tensor, j: torch.Tensor, w: torch.Tensor, recomputed: torch.Tensor) -> torch.Tensor:
