@@ -22,7 +22,7 @@ def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
     the consumer) stops the producer after its current item.
     """
     channel: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+    stop, done = threading.Event(), threading.Event()
 
     def produce() -> None:
         try:
@@ -30,13 +30,13 @@ def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
                 if stop.is_set():
                     return
                 channel.put((item, None))
+            channel.put((_DONE, None))
         except BaseException as exc:  # handed to the consumer, which re-raises it
             channel.put((None, exc))
-            return
-        channel.put((_DONE, None))
+        finally:
+            done.set()
 
-    thread = threading.Thread(target=produce, name="vera-export-reader", daemon=True)
-    thread.start()
+    threading.Thread(target=produce, name="vera-export-reader", daemon=True).start()
     try:
         while True:
             item, error = channel.get()
@@ -47,12 +47,32 @@ def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
             yield item
     finally:
         stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                channel.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        thread.join()
+        _wait_for(done, unblock=lambda: _drop_one(channel))  # a producer may be waiting on a full queue
+
+
+def _drop_one(channel: queue.Queue) -> None:
+    try:
+        channel.get_nowait()
+    except queue.Empty:
+        pass
+
+
+def _wait_for(done: threading.Event, unblock: Callable[[], None] = lambda: None) -> None:
+    """Wait until a thread has set `done`, through interruptions (Ctrl-C); then re-raise the first of them.
+
+    A thread left running after its caller gave up could still be reading or writing a file that the caller
+    closes. An event, not `Thread.join`: on Python 3.11 and 3.12 a join interrupted by KeyboardInterrupt marks
+    the thread as ended while it still runs.
+    """
+    interrupted: BaseException | None = None
+    while not done.is_set():
+        try:
+            unblock()
+            done.wait(timeout=0.05)
+        except BaseException as exc:
+            interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
 
 
 class BackgroundSink(Generic[T]):
@@ -66,19 +86,22 @@ class BackgroundSink(Generic[T]):
         self._consume = consume
         self._channel: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="vera-export-writer", daemon=True)
-        self._thread.start()
+        self._done = threading.Event()
+        threading.Thread(target=self._run, name="vera-export-writer", daemon=True).start()
 
     def _run(self) -> None:
-        while True:
-            item = self._channel.get()
-            if item is _DONE:
-                return
-            if self._error is None:
-                try:
-                    self._consume(item)
-                except BaseException as exc:  # re-raised by put or close
-                    self._error = exc
+        try:
+            while True:
+                item = self._channel.get()
+                if item is _DONE:
+                    return
+                if self._error is None:
+                    try:
+                        self._consume(item)
+                    except BaseException as exc:  # re-raised by put or close
+                        self._error = exc
+        finally:
+            self._done.set()
 
     def put(self, item: T) -> None:
         """Queue one item; raises the consumer's error as soon as one happened."""
@@ -87,10 +110,26 @@ class BackgroundSink(Generic[T]):
         self._channel.put(item)
 
     def close(self) -> None:
-        self._channel.put(_DONE)
-        self._thread.join()
+        self._finish()
         if self._error is not None:
             raise self._error
+
+    def _finish(self) -> None:
+        """Send the end marker and wait for the thread, through interruptions, which are re-raised afterwards."""
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                self._channel.put(_DONE)
+                break
+            except BaseException as exc:
+                interrupted = interrupted or exc
+                self._error = self._error or exc  # skip whatever is still queued
+        try:
+            _wait_for(self._done)
+        except BaseException as exc:
+            interrupted = interrupted or exc
+        if interrupted is not None:
+            raise interrupted
 
     def __enter__(self) -> BackgroundSink[T]:
         return self
@@ -100,5 +139,4 @@ class BackgroundSink(Generic[T]):
             self.close()
             return
         self._error = self._error or exc  # skip whatever is still queued
-        self._channel.put(_DONE)
-        self._thread.join()
+        self._finish()
