@@ -249,6 +249,54 @@ def test_output_overlapping_an_input_is_refused(work, where: str) -> None:
     assert _digest(base, adapter) == before and not (base / "merged").exists()
 
 
+def test_symlinked_outputs_and_the_real_home_of_symlinked_inputs_are_refused(work) -> None:
+    """A Hugging Face cache snapshot links its files into blobs/: --force onto blobs/ would replace the base."""
+    tmp_path, base, adapter = work
+    blobs, snapshot = tmp_path / "hub" / "blobs", tmp_path / "hub" / "snapshots" / "abc"
+    shutil.move(base, blobs)
+    snapshot.mkdir(parents=True)
+    for path in blobs.iterdir():
+        (snapshot / path.name).symlink_to(Path("../../blobs") / path.name)
+    before = _digest(blobs, adapter)
+    result = _merge(tmp_path, snapshot, adapter, "--force", output=blobs)
+    assert result.exit_code == 2 and "overlaps the input" in result.stderr
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    result = _merge(tmp_path, snapshot, adapter, "--force", output=tmp_path / "link")
+    assert result.exit_code == 2 and "symbolic link" in result.stderr
+    assert _digest(blobs, adapter) == before and not any((tmp_path / "real").iterdir())
+
+
+def test_a_signal_during_the_swap_waits_for_it_to_finish(work, monkeypatch) -> None:
+    """Ctrl-C while --force removes the previous output: the new output is complete when the run stops."""
+    tmp_path, base, adapter = work
+    output = tmp_path / "out"
+    assert _merge(tmp_path, base, adapter).exit_code == 0
+    (output / "previous.txt").write_text("old")
+    real_rmtree = shutil.rmtree
+
+    def interrupted_rmtree(path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # held until the swap is done
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr("vera_export.outputs.shutil.rmtree", interrupted_rmtree)
+    result = _merge(tmp_path, base, adapter, "--force")
+    assert result.exit_code == 128 + signal.SIGINT and "nothing partial" in result.stderr
+    assert not (output / "previous.txt").exists()
+    assert sorted(p.name for p in output.iterdir()) == sorted(p.name for p in base.iterdir())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_fsync_flushes_every_output_file(work, monkeypatch) -> None:
+    tmp_path, base, adapter = work
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    assert _merge(tmp_path, base, adapter, "--fsync").exit_code == 0
+    names = {Path(path).name for path in synced}
+    assert {p.name for p in base.iterdir()} <= names
+
+
 def test_force_replaces_only_when_complete(work, monkeypatch) -> None:
     tmp_path, base, adapter = work
     (tmp_path / "out").mkdir()

@@ -54,7 +54,7 @@ class _Group(click.Group):
             except (_Terminated, KeyboardInterrupt) as exc:
                 signum = exc.args[0] if isinstance(exc, _Terminated) else signal.SIGINT
                 name = signal.Signals(signum).name
-                click.echo(f"error: stopped by {name}; no output was left under the requested name", err=True)
+                click.echo(f"error: stopped by {name}; nothing partial was left under the output name", err=True)
                 ctx.exit(128 + signum)
 
 

@@ -13,7 +13,9 @@ import ctypes
 import ctypes.util
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -37,16 +39,24 @@ def check_output(output: Path, inputs: Sequence[Path], force: bool) -> None:
 
 
 def check_outside_inputs(output: Path, inputs: Sequence[Path]) -> None:
-    """Refuse an output (directory or file) that is, holds or lies inside an input.
+    """Refuse an output (directory or file) that is a symlink, or is, holds or lies inside an input.
+
+    An input's files count where they really are: a Hugging Face cache snapshot links its files into `blobs/`,
+    which an output must not replace either.
 
     Raises:
         OutputError: Naming the output and the input it overlaps.
     """
+    if output.is_symlink():
+        raise OutputError(f"{output}: is a symbolic link; name the real path, or another output")
     resolved = output.resolve()
     for source in inputs:
-        source = source.resolve()
-        if resolved == source or source in resolved.parents or resolved in source.parents:
-            raise OutputError(f"{output}: the output overlaps the input {source}; choose an output outside the inputs")
+        real = {source.resolve()}
+        if source.is_dir():
+            real |= {path.resolve() for path in source.rglob("*") if path.is_symlink()}
+        for path in real:
+            if resolved == path or path in resolved.parents or resolved in path.parents:
+                raise OutputError(f"{output}: the output overlaps the input {path}; choose an output outside the inputs")
 
 
 @contextlib.contextmanager
@@ -62,8 +72,8 @@ def staged_output(
         output: The directory to create.
         inputs: Directories the output must not overlap.
         force: Replace an existing non-empty `output`, only once the new one is complete.
-        fsync: Flush the staged files' directory entries to disk before the rename (for power-loss durability;
-            files are fsynced by their writers when asked).
+        fsync: Flush every staged file and directory to disk before the rename, and the rename after it (for
+            power-loss durability).
 
     Raises:
         OutputError: `output` overlaps an input, exists and is not empty without `force`, appeared meanwhile, or
@@ -88,10 +98,11 @@ def staged_output(
                 f"free some space or choose another output"
             ) from None
         if fsync:
-            _fsync_dir(staging)
-        _move_into_place(staging, output, force)
-        if fsync:
-            _fsync_dir(output.parent)
+            _fsync_tree(staging)
+        with _signals_held():
+            _move_into_place(staging, output, force)
+            if fsync:
+                _fsync_dir(output.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -145,10 +156,43 @@ def _warn_stale(output: Path) -> None:
         )
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP until the block is done, then act on the first one received.
+
+    The swap into place and the removal of the previous output are never cut off half-way, and a signal that
+    arrives meanwhile stops the run only once the complete new output is in place. Only the main thread can
+    install handlers; elsewhere signals are not held.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        handler = previous[received[0]]
+        if callable(handler):
+            handler(received[0], None)
+        elif handler == signal.SIG_DFL:
+            os.kill(os.getpid(), received[0])
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under `root`, deepest first (side files included, not only the weights)."""
+    for path in [*sorted(root.rglob("*"), reverse=True), root]:
+        _fsync_dir(path)
 
 
 def _fsync_dir(path: Path) -> None:
