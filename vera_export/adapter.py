@@ -75,7 +75,7 @@ class VeraConfig:
             bias=fields.choice("bias", _BIAS_CHOICES, "none"),
             modules_to_save=tuple(dict.fromkeys(fields.str_list("modules_to_save") or ())),
             layers_to_transform=fields.layers_to_transform(),
-            layers_pattern=fields.str_list("layers_pattern"),
+            layers_pattern=fields.str_list("layers_pattern") if raw.get("layers_pattern") else None,  # PEFT: "", [] = none
             task_type=fields.optional_str("task_type"),
             base_model_name_or_path=fields.optional_str("base_model_name_or_path"),
         )
