@@ -207,3 +207,29 @@ def test_weights_other_than_the_checkpoints_own_are_not_copied_and_named(fixture
     assert not (tmp_path / "out" / "pytorch_model.bin").exists() and not (tmp_path / "out" / "extra" / "model.safetensors").exists()
     assert (tmp_path / "out" / "extra" / "notes.txt").read_text() == "kept"
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_shards_in_subdirectories_keep_their_paths(fixture_root, tmp_path) -> None:
+    """An index may name shards like a/model.safetensors; two such shards may even share a file name."""
+    source = base_dir(fixture_root, "llama-qv")
+    tensors = load_file(source / "model.safetensors")
+    names = list(tensors)
+    base = tmp_path / "base"
+    for folder in ("a", "b"):
+        (base / folder).mkdir(parents=True)
+    shutil.copy(source / "config.json", base)
+    halves = {"a/model.safetensors": names[: len(names) // 2], "b/model.safetensors": names[len(names) // 2 :]}
+    for shard, keys in halves.items():
+        save_file({k: tensors[k] for k in keys}, base / shard, {"format": "pt"})
+    weight_map = {k: shard for shard, keys in halves.items() for k in keys}
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    report = merge(base, [adapter_dir(fixture_root, "llama-qv")], tmp_path / "out", MergeOptions(progress=False))
+    assert report.folded and not report.warnings
+    merged = ShardedTensorIndex.from_dir(tmp_path / "out")
+    assert merged.weight_map == weight_map
+    expected = merge(source, [adapter_dir(fixture_root, "llama-qv")], tmp_path / "flat", MergeOptions(progress=False))
+    flat = load_file(tmp_path / "flat" / "model.safetensors")
+    for shard, keys in halves.items():
+        got = load_file(tmp_path / "out" / shard)
+        assert all(torch.equal(got[k], flat[k]) for k in keys)
+    assert expected.folded == report.folded

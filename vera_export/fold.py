@@ -35,6 +35,7 @@ _COMPUTE_DTYPES = {
     torch.float32: torch.float64,
     torch.float64: torch.float64,
 }
+FOLDABLE_DTYPES = frozenset(_COMPUTE_DTYPES)
 _SIGNIFICAND_BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24, torch.float64: 53}
 # Elements repaired at a time: bounds the gathered factor rows to _CHUNK * r float64 values each.
 _CHUNK = 4096
@@ -379,7 +380,7 @@ class _CancellationGuard:
             if abs(exact) >= Fraction(self.overflow):
                 raise FloatingPointError(f"overflows {out.dtype} at row {int(i[n])}, column {int(j[n])}")
             rounded[n] = math.copysign(torch.finfo(out.dtype).max, exact)
-        out[i, j] = rounded.to(out.device)
+        out[i.to(out.device), j.to(out.device)] = rounded.to(out.device)  # a CUDA fold may write a CPU `out`
 
     def _safe(self, i: torch.Tensor, j: torch.Tensor, w: torch.Tensor, recomputed: torch.Tensor) -> torch.Tensor:
         """Whether float64 vouches for each recomputed element (same test, with float64's error bound)."""

@@ -135,6 +135,7 @@ def _plan(model: nn.Module, adapters: Sequence[str | Path | VeraAdapter], roundi
 
 
 def _fold_in_place(model: nn.Module, plan: Plan, alpha: float) -> None:
+    plan.check_foldable(model.state_dict(keep_vars=True))
     for name, deltas in plan.deltas.items():
         weight = model.get_parameter(name)
         fold(weight.data, [d.delta(weight.device) for d in deltas], alpha=alpha, out=weight.data)

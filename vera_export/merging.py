@@ -102,6 +102,7 @@ def _rewrite(source: Path, adapters: list[VeraAdapter], output: Path, alpha: flo
     started = time.perf_counter()
     index = ShardedTensorIndex.from_dir(source)
     plan = build_plan(adapters, index.tensors, options.rounding)
+    plan.check_foldable(index.tensors)
     report = MergeReport(output, [str(a.path) for a in adapters], warnings=list(plan.warnings))
     if alpha < 0 and plan.replacements:
         report.warnings.append(
@@ -210,7 +211,9 @@ class _ShardWriter:
         shard = self.pending.pop(0)
         entries = [(info.name, info.dtype, info.shape) for info in self.index.shard_tensors(shard)]
         metadata = {**self.index.metadata(shard), "format": "pt"}
-        self.shard, self.writer = shard, SafetensorsWriter(self.staging / shard.name, entries, metadata, self.fsync)
+        path = self.staging / self.index.shard_name(shard)  # shards may sit in subdirectories
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.shard, self.writer = shard, SafetensorsWriter(path, entries, metadata, self.fsync)
 
     def __enter__(self) -> _ShardWriter:
         return self

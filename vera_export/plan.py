@@ -16,7 +16,7 @@ import torch
 
 from .adapter import VeraAdapter
 from .errors import IncompatibleAdapterError
-from .fold import VeraDelta, largest_magnitude, smallest_magnitude
+from .fold import FOLDABLE_DTYPES, VeraDelta, largest_magnitude, smallest_magnitude
 from .projections import Rounding, generate_projections
 from .targets import TargetLayer, match_layers, projection_dims, untrained_targets
 
@@ -85,6 +85,19 @@ class Plan:
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)
     projections: dict[str, Projections] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+
+    def check_foldable(self, tensors: Mapping[str, TensorSpec]) -> None:
+        """Refuse, before anything is written, to fold into weights that are not floating point (quantized bases).
+
+        Raises:
+            IncompatibleAdapterError: Naming the first such weights and their dtypes.
+        """
+        unfoldable = [f"{name} ({tensors[name].dtype})" for name in self.deltas if tensors[name].dtype not in FOLDABLE_DTYPES]
+        if unfoldable:
+            raise IncompatibleAdapterError(
+                f"adapted weights are not float16, bfloat16, float32 or float64: {', '.join(unfoldable[:5])}"
+                f"{' ...' if len(unfoldable) > 5 else ''}; a quantized base cannot be merged, use the unquantized model"
+            )
 
 
 def resolve_projections(

@@ -317,21 +317,25 @@ class ShardedTensorIndex:
         shards: The files, in index order (sorted by file name) or the single file.
         tensors: Every tensor by name, shard by shard in file order.
         index_metadata: The index's ``metadata`` when sharded (``{}`` if it has none), else None.
+        root: The directory the shard names are relative to.
     """
 
     def __init__(
         self,
         headers: dict[Path, tuple[dict[str, TensorInfo], dict[str, str]]],
         index_metadata: dict | None = None,
+        root: Path | None = None,
     ) -> None:
         """Builds an index from already validated headers; prefer `from_dir` or `from_file`.
 
         Args:
             headers: For each shard, what `read_header` returned for it.
             index_metadata: The ``metadata`` of ``model.safetensors.index.json``, or None for a single file.
+            root: The model directory; by default the first shard's.
         """
         self.shards: list[Path] = list(headers)
         self.index_metadata = index_metadata
+        self.root = root if root is not None else (self.shards[0].parent if self.shards else Path("."))
         self.tensors: dict[str, TensorInfo] = {}
         self._headers = headers
         for shard, (tensors, _) in headers.items():
@@ -396,7 +400,7 @@ class ShardedTensorIndex:
                 f"{index_path}: the index and its shards disagree: {_listing(problems)}; "
                 f"re-download the checkpoint or re-save it."
             )
-        return cls(headers, index_metadata)
+        return cls(headers, index_metadata, root=model_dir)
 
     @property
     def is_sharded(self) -> bool:
@@ -406,7 +410,11 @@ class ShardedTensorIndex:
     @property
     def weight_map(self) -> dict[str, str]:
         """Tensor name to shard file name, as an index file lists them."""
-        return {name: info.path.name for name, info in self.tensors.items()}
+        return {name: self.shard_name(info.path) for name, info in self.tensors.items()}
+
+    def shard_name(self, shard: Path) -> str:
+        """The shard's name as the index gives it: its path relative to the model directory (usually a file name)."""
+        return shard.relative_to(self.root).as_posix()
 
     def _shard(self, shard: str | os.PathLike[str]) -> Path:
         path = Path(shard)
