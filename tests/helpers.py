@@ -56,4 +56,7 @@ def outputs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Te
 
 
 ALL_ADAPTERS = list(ADAPTERS)
+# Adapters whose trained copy of a tied tensor a checkpoint cannot hold: merged in memory, refused on disk.
+TIED_COPIES = ["llama-tied-embed"]
+MERGEABLE_ADAPTERS = [name for name in ADAPTERS if name not in TIED_COPIES]
 ALL_BASES = list(BASES)

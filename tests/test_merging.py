@@ -12,12 +12,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from vera_export import MergeOptions, load_adapter, merge, merge_into, unmerge
+from vera_export import IncompatibleAdapterError, MergeOptions, load_adapter, merge, merge_into, unmerge
 from vera_export.plan import build_plan
 from vera_export.safetensors_io import ShardedTensorIndex
 from vera_export.verification import ulp
 
-from tests.helpers import ALL_ADAPTERS, adapter_dir, base_dir, load_base, load_peft, outputs, sample_inputs
+from tests.helpers import MERGEABLE_ADAPTERS, TIED_COPIES, adapter_dir, base_dir, load_base, load_peft, outputs, sample_inputs
 
 QUIET = MergeOptions(progress=False)
 
@@ -42,7 +42,7 @@ def _exact_merged(base: dict[str, torch.Tensor], plan) -> dict[str, torch.Tensor
     return exact
 
 
-@pytest.mark.parametrize("name", ALL_ADAPTERS)
+@pytest.mark.parametrize("name", MERGEABLE_ADAPTERS)
 def test_merge_layout_and_one_ulp_rule(fixture_root, tmp_path, name: str) -> None:
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
     report = merge(base, [adapter], tmp_path / "out", QUIET)
@@ -76,7 +76,7 @@ def test_merge_layout_and_one_ulp_rule(fixture_root, tmp_path, name: str) -> Non
             assert torch.equal(value, before[key]), key  # untouched tensors are copied byte for byte
 
 
-@pytest.mark.parametrize("name", ALL_ADAPTERS)
+@pytest.mark.parametrize("name", MERGEABLE_ADAPTERS)
 def test_merged_checkpoint_reproduces_peft(fixture_root, tmp_path, name: str) -> None:
     """The merged checkpoint loads with transformers and matches PEFT's unmerged and merged models."""
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
@@ -233,3 +233,11 @@ def test_shards_in_subdirectories_keep_their_paths(fixture_root, tmp_path) -> No
         got = load_file(tmp_path / "out" / shard)
         assert all(torch.equal(got[k], flat[k]) for k in keys)
     assert expected.folded == report.folded
+
+
+@pytest.mark.parametrize("name", TIED_COPIES)
+def test_a_trained_copy_of_a_tied_tensor_is_refused_on_disk(fixture_root, tmp_path, name: str) -> None:
+    """PEFT's model embeds with the trained copy and keeps the original head; a tied checkpoint stores one tensor."""
+    with pytest.raises(IncompatibleAdapterError, match="ties to lm_head.weight"):
+        merge(base_dir(fixture_root, name), [adapter_dir(fixture_root, name)], tmp_path / "out", QUIET)
+    assert not (tmp_path / "out").exists()

@@ -53,6 +53,8 @@ SPECS = {
     "bert-adapter": ExportSpec("bert-cls", ("bert-cls",), "adapter"),
     "bert-merged": ExportSpec("bert-cls", ("bert-cls",), "merged"),
     "bert-features": ExportSpec("bert-cls", ("bert-cls",), "adapter", task="feature-extraction"),
+    # A trained copy of the embedding that the base ties to lm_head: the head must keep the original.
+    "llama-tied-adapter": ExportSpec("llama-tied-embed", ("llama-tied-embed",), "adapter"),
 }
 ADAPTER_EXPORTS = [key for key, spec in SPECS.items() if spec.mode == "adapter"]
 

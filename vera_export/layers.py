@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -141,7 +142,23 @@ def _fold_in_place(model: nn.Module, plan: Plan, alpha: float) -> None:
         fold(weight.data, [d.delta(weight.device) for d in deltas], alpha=alpha, out=weight.data)
 
 
+def untie(model: nn.Module, names: Iterable[str]) -> None:
+    """Give each named parameter storage of its own where the model shares it with another module.
+
+    A `modules_to_save` copy of an input embedding that the model ties to its output head (tied word embeddings)
+    replaces the embedding only: in PEFT the head keeps the original weights.
+    """
+    uses = Counter(id(param) for _, param in model.named_parameters(remove_duplicate=False))
+    for name in names:
+        module_name, _, attribute = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        param = getattr(module, attribute)
+        if isinstance(param, nn.Parameter) and uses[id(param)] > 1:
+            setattr(module, attribute, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+
+
 def _copy_replacements(model: nn.Module, plan: Plan) -> None:
+    untie(model, plan.replacements)
     state = model.state_dict(keep_vars=True)
     for name, tensor in plan.replacements.items():
         state[name].data.copy_(tensor.to(state[name].dtype))

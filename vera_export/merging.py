@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from .adapter import VeraAdapter, load_adapter
-from .errors import CheckpointError
+from .errors import CheckpointError, IncompatibleAdapterError
 from .fold import fold
 from .options import MergeOptions
 from .outputs import staged_output
-from .plan import LayerDelta, build_plan
+from .plan import LayerDelta, Plan, build_plan
 from .progress import progress_bar
 from .safetensors_io import INDEX_NAME, LazyTensorLoader, ShardedTensorIndex, TensorInfo
 from .safetensors_writer import SafetensorsWriter, write_index
@@ -103,6 +103,8 @@ def _rewrite(source: Path, adapters: list[VeraAdapter], output: Path, alpha: flo
     index = ShardedTensorIndex.from_dir(source)
     plan = build_plan(adapters, index.tensors, options.rounding)
     plan.check_foldable(index.tensors)
+    if alpha > 0 and plan.replacements:
+        _refuse_tied_replacements(source, plan)
     report = MergeReport(output, [str(a.path) for a in adapters], warnings=list(plan.warnings))
     if alpha < 0 and plan.replacements:
         report.warnings.append(
@@ -179,6 +181,24 @@ def rewrite_tensors(
         with BackgroundSink(writer.write) as sink:
             for item in prefetch(items):
                 sink.put(fold_item(item))
+
+
+def _refuse_tied_replacements(source: Path, plan: Plan) -> None:
+    """A trained copy of a tied tensor (an input embedding in `modules_to_save`, tied to the output head) replaces
+    it only for its own module in PEFT; a checkpoint that stores the pair once cannot say that."""
+    from .modeling import tied_partners  # transformers takes seconds to import: only when tensors are replaced
+
+    try:
+        tied = tied_partners(source, plan.replacements)
+    except CheckpointError:
+        return  # an architecture transformers does not know: nothing ties its tensors when it is loaded either
+    if tied:
+        name, partners = next(iter(tied.items()))
+        raise IncompatibleAdapterError(
+            f"the adapter trains {name}, which this model ties to {', '.join(partners)} (tie_word_embeddings); PEFT "
+            f"uses the trained copy for {name} only, which a tied checkpoint cannot hold - save the base with "
+            f"tie_word_embeddings false (both tensors stored) and merge that"
+        )
 
 
 class _ShardWriter:

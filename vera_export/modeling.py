@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -25,6 +27,21 @@ def model_class(model_dir: Path) -> type[transformers.PreTrainedModel]:
             f"{transformers.__version__} knows; model outputs cannot be computed"
         )
     return cls
+
+
+def tied_partners(model_dir: Path, names: Iterable[str]) -> dict[str, list[str]]:
+    """For each of `names` that the model ties to other parameters (tied word embeddings), those parameters' names.
+
+    Builds the model from `config.json` on the meta device: no weights are read or allocated.
+    """
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = model_class(model_dir)(config)
+    groups: dict[int, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups[id(param)].append(name)
+    group_of = {name: group for group in groups.values() for name in group}
+    return {name: [n for n in group_of[name] if n != name] for name in names if len(group_of.get(name, [])) > 1}
 
 
 def load_model(model_dir: Path, dtype: torch.dtype) -> transformers.PreTrainedModel:

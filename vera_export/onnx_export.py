@@ -51,7 +51,7 @@ from torch import nn
 from .adapter import VeraAdapter, load_adapter
 from .bank import Bank, RowSelection, apply_bank, build_bank
 from .errors import AdapterError, CheckpointError, OutputError
-from .layers import VeraLinear, apply_vera, merge_into
+from .layers import VeraLinear, apply_vera, merge_into, untie
 from .merging import copy_side_files
 from .modeling import load_model, model_class
 from .ort_adapter import (
@@ -328,6 +328,7 @@ def _bank_graph(
 
 def _trained_tensors(model: nn.Module, adapter: VeraAdapter) -> dict[int, str]:
     """Wrap the adapted layers with `VeraLinear`; return graph input names by id of the tensors the adapter trains."""
+    untie(model, adapter.replacements)  # first: the inputs must be the trained copies, not a tied partner's weights
     state = model.state_dict(keep_vars=True)
     names = {id(state[name]): tensor_input(name) for name in adapter.replacements}
     apply_vera(model, [adapter])
