@@ -288,6 +288,11 @@ def test_adapter_file_refuses_missing_tensors_merged_graphs_and_existing_files(e
     assert file.read_text() == "keep me"
     with pytest.raises(CheckpointError, match=MANIFEST_NAME):
         onnx_adapter(tmp_path, qv, tmp_path / "y.onnx_adapter")
+    # An output that cannot be written is one OutputError, from our check or from ONNX Runtime's own writer.
+    (tmp_path / "a-file").write_text("")
+    for unwritable in (tmp_path / "a-file" / "x.onnx_adapter", Path("/proc/x.onnx_adapter")):
+        with pytest.raises(OutputError, match="cannot be written"):
+            onnx_adapter(exports["llama-adapter"].directory, qv, unwritable)
     # Not even --force writes over the graph or into an input directory.
     graph = exports["llama-adapter"].directory / "model.onnx"
     before = graph.read_bytes()
@@ -344,7 +349,7 @@ def test_refusals_before_any_export(fixture_root, tmp_path) -> None:
     with pytest.raises(OutputError, match="not empty"):
         export_onnx(base, [qv], tmp_path / "d")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # nothing partial left behind
-    for bad in ({"mode": "lora"}, {"task": "translation"}, {"opset": 17}):
+    for bad in ({"mode": "lora"}, {"task": "translation"}, {"opset": 17}, {"opset": 24}):
         with pytest.raises(ValueError):
             OnnxOptions(**bad)
 

@@ -25,7 +25,7 @@ import transformers
 from torch import nn
 
 from fixtures.build import ADAPTERS, randomize_trainables
-from vera_export import CheckpointError, IncompatibleAdapterError
+from vera_export import AdapterError, CheckpointError, IncompatibleAdapterError
 from vera_export.bank import RowSelectedLayerNorm, RowSelectedLinear, RowSelection, VeraBankLinear
 from vera_export.layers import VeraLinear
 from vera_export.ort_adapter import (
@@ -310,6 +310,9 @@ def test_verify_onnx_checks_each_row_against_its_adapter(banks) -> None:
     # Given in another order, rows are checked against other adapters than they run, and fail.
     report = verify_onnx(bank.directory, bank.base, bank.adapters[::-1])
     assert [c.passed for c in report.checks] == [True, False, False]
+    # Given only some of them, the other rows would go unchecked: refused.
+    with pytest.raises(AdapterError, match="the bank holds 3 adapters and 1 were given"):
+        verify_onnx(bank.directory, bank.base, bank.adapters[:1])
 
 
 def test_refuses_adapters_that_cannot_share_a_bank(fixture_root, siblings, tmp_path) -> None:

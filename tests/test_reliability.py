@@ -226,6 +226,16 @@ def test_stored_projections_with_save_projection_false_warn_and_merge(work) -> N
     assert "warning:" in result.stderr and "using the stored projections" in result.stderr
 
 
+def test_a_quantized_base_is_refused_before_writing(work) -> None:
+    tmp_path, base, adapter = work
+    tensors = load_file(base / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name] = tensors[name].to(torch.int8)
+    save_file(tensors, base / "model.safetensors", {"format": "pt"})
+    before = _digest(base, adapter)
+    _assert_clean_failure(_merge(tmp_path, base, adapter), tmp_path, before, (base, adapter), name, "torch.int8", "quantized")
+
+
 def test_overflowing_merge_is_refused(fixture_root, tmp_path) -> None:
     """Lambdas so large that the fp16 sum overflows: refused, naming the tensor, instead of writing Inf."""
     name = "llama-fp16-qv"

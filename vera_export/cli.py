@@ -15,7 +15,7 @@ from .errors import VeraExportError, VeraExportWarning
 from .inspection import inspect
 from .lora import DTYPES, to_lora
 from .merging import merge, unmerge
-from .options import MIN_OPSET, MODES, TASKS, MergeOptions, OnnxOptions
+from .options import MAX_OPSET, MIN_OPSET, MODES, TASKS, MergeOptions, OnnxOptions
 from .projections import Rounding
 from .verification import verify
 
@@ -243,7 +243,9 @@ def verify_command(base, adapters, merged, onnx_dir, full_model, allow_pickle, r
     "--task", type=click.Choice(["auto", *TASKS]), default="auto", show_default=True,
     help="What the graph returns; auto reads config.json's architecture.",
 )
-@click.option("--opset", type=click.IntRange(min=MIN_OPSET), default=MIN_OPSET, show_default=True, help="ONNX opset.")
+@click.option(
+    "--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=MIN_OPSET, show_default=True, help="ONNX opset."
+)
 @click.option(
     "--verify/--no-verify", "run_verify", default=True, show_default=True,
     help="Compare the graph in ONNX Runtime with the unmerged model in PyTorch.",

@@ -524,6 +524,11 @@ def verify_onnx(
     manifest = Manifest.read(onnx_dir)
     index = ShardedTensorIndex.from_dir(base)
     loaded, plan = _resolve(index, adapters, allow_pickle, Rounding(manifest.rounding), manifest.mode)
+    if manifest.mode == "bank" and len(loaded) != len(manifest.adapters):
+        raise AdapterError(
+            f"{onnx_dir}: the bank holds {len(manifest.adapters)} adapters and {len(loaded)} were given; pass "
+            f"every adapter it was exported with, in order, so that each row is checked"
+        )
     report = VerifyReport(warnings=list(plan.warnings))
     try:
         runner = session(onnx_dir)

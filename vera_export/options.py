@@ -41,6 +41,8 @@ TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 MODES = ("merged", "adapter", "bank")
 MIN_OPSET = 18
+# The newest opset the exporter's output passes onnx.checker with here (24 and up use operators it does not emit).
+MAX_OPSET = 23
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class OnnxOptions:
         mode: `"merged"` (adapters folded into the weights), `"adapter"` (one adapter, swappable) or `"bank"`
             (one adapter per batch row, chosen by the `adapter_index` input from tables of all the adapters).
         task: `"auto"` (from `config.json`'s architecture) or one of `TASKS`.
-        opset: ONNX opset of the graph, at least 18.
+        opset: ONNX opset of the graph, 18 to 23.
         verify: Compare the graph in ONNX Runtime with the unmerged model in PyTorch after exporting.
         external_data: Weights in `model.onnx.data`: True, False, or None for only when over protobuf's 2 GiB.
         force: Replace a non-empty output directory (only once the new one is complete).
@@ -75,5 +77,5 @@ class OnnxOptions:
             raise ValueError(f"mode is {self.mode!r}, expected one of {MODES}")
         if self.task != "auto" and self.task not in TASKS:
             raise ValueError(f"task is {self.task!r}, expected 'auto' or one of {tuple(TASKS)}")
-        if self.opset < MIN_OPSET:
-            raise ValueError(f"opset is {self.opset}, the dynamo exporter needs at least {MIN_OPSET}")
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise ValueError(f"opset is {self.opset}, expected {MIN_OPSET} to {MAX_OPSET} (what the exporter supports)")

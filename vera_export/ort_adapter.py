@@ -20,6 +20,7 @@ fit it without needing the base model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -338,14 +339,18 @@ def onnx_adapter(
 
 def write_adapter_file(values: Mapping[str, np.ndarray], output: Path) -> None:
     """Write `values` in ONNX Runtime's adapter format, atomically (a temporary file renamed into place)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     adapter_format = ort.AdapterFormat()
     adapter_format.set_adapter_version(1)
     adapter_format.set_model_version(1)
     adapter_format.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(v) for name, v in values.items()})
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
         adapter_format.export_adapter(str(staging))
         os.replace(staging, output)
+    except (OSError, RuntimeError) as exc:  # ONNX Runtime reports a file it cannot open as RuntimeError
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+        raise OutputError(f"{output}: cannot be written ({reason}); choose a writable location") from None
     finally:
-        staging.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            staging.unlink()
