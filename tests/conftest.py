@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import warnings
 from pathlib import Path
 
@@ -21,3 +22,11 @@ def fixture_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         build_all(root)
     return root
 
+
+@pytest.fixture
+def sigint_raises():
+    """Ctrl-C raises KeyboardInterrupt in this test, even where the suite was started with SIGINT ignored (a
+    background job of a non-interactive shell, as some CI runners start it)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

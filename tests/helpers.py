@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,3 +61,9 @@ ALL_ADAPTERS = list(ADAPTERS)
 TIED_COPIES = ["llama-tied-embed"]
 MERGEABLE_ADAPTERS = [name for name in ADAPTERS if name not in TIED_COPIES]
 ALL_BASES = list(BASES)
+
+
+def restore_sigint() -> None:
+    """For subprocesses (`preexec_fn`): Ctrl-C back to its default, so Python turns it into KeyboardInterrupt even
+    where the suite was started with SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -27,7 +27,7 @@ from vera_export.plan import build_plan
 from vera_export.safetensors_io import ShardedTensorIndex
 from vera_export.safetensors_writer import SafetensorsWriter
 
-from tests.helpers import adapter_dir, base_dir
+from tests.helpers import adapter_dir, base_dir, restore_sigint
 
 ADAPTER = "llama-qv"
 
@@ -277,7 +277,7 @@ def test_symlinked_outputs_and_the_real_home_of_symlinked_inputs_are_refused(wor
     assert _digest(blobs, adapter) == before and not any((tmp_path / "real").iterdir())
 
 
-def test_a_signal_during_the_swap_waits_for_it_to_finish(work, monkeypatch) -> None:
+def test_a_signal_during_the_swap_waits_for_it_to_finish(work, monkeypatch, sigint_raises) -> None:
     """Ctrl-C while --force removes the previous output: the new output is complete when the run stops."""
     tmp_path, base, adapter = work
     output = tmp_path / "out"
@@ -367,7 +367,7 @@ def big_pair(tmp_path_factory) -> tuple[Path, Path]:
 
 def _start_merge(base: Path, adapter: Path, output: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "vera_export", "merge", "--base", str(base), "--adapter", str(adapter), "--output", str(output), "--quiet"]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore_sigint)
 
 
 def _wait_for_staging(output: Path, process: subprocess.Popen) -> None:

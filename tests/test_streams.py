@@ -12,6 +12,11 @@ import pytest
 from vera_export.streams import BackgroundSink, prefetch
 
 
+@pytest.fixture(autouse=True)
+def _sigint(sigint_raises):
+    """These tests interrupt themselves with SIGINT."""
+
+
 def _worker_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("vera-export-")]
 
