@@ -62,6 +62,22 @@ def test_verify_catches_a_broken_layer(fixture_root, tmp_path, change) -> None:
     assert failed == ["layer model.layers.1.self_attn.q_proj"]
 
 
+@pytest.mark.parametrize("name", ["llama-bf16-all", "llama-fp16-qv"])
+def test_verify_catches_one_lambda_one_percent_off_in_16_bit(fixture_root, tmp_path, name: str) -> None:
+    """Merged with one element of one lambda_b 1% off, in a row no sample would pick: every element is checked."""
+    base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
+    wrong = tmp_path / "wrong-adapter"
+    shutil.copytree(adapter, wrong)
+    tensors = load_file(wrong / "adapter_model.safetensors")
+    key = sorted(k for k in tensors if k.endswith("vera_lambda_b"))[-1]
+    tensors[key][1] *= 1.01
+    save_file(tensors, wrong / "adapter_model.safetensors", metadata={"format": "pt"})
+    merge(base, [wrong], tmp_path / "out", QUIET)
+    report = verify(base, [adapter], tmp_path / "out", full_model=True, options=QUIET)
+    module = key.removeprefix("base_model.model.").removesuffix(".vera_lambda_b")
+    assert [c.name for c in report.checks if not c.passed] == [f"layer {module}"]
+
+
 def test_verify_catches_a_missing_adapter(fixture_root, tmp_path) -> None:
     """The base itself, offered as the merge of an adapter, fails every layer and the model outputs."""
     name = "llama-bf16-all"
