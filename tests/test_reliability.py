@@ -226,6 +226,17 @@ def test_stored_projections_with_save_projection_false_warn_and_merge(work) -> N
     assert "warning:" in result.stderr and "using the stored projections" in result.stderr
 
 
+def test_a_flag_that_contradicts_the_stored_layouts_is_refused(fixture_root, tmp_path) -> None:
+    """GPT-2's c_attn is stored [in, out]; with fan_in_fan_out false, its square c_proj would fold transposed."""
+    name = "gpt2-attn"
+    base, adapter = base_dir(fixture_root, name), tmp_path / "adapter"
+    shutil.copytree(adapter_dir(fixture_root, name), adapter)
+    _config(adapter, fan_in_fan_out=False)
+    before = _digest(base, adapter)
+    result = _merge(tmp_path, base, adapter)
+    _assert_clean_failure(result, tmp_path, before, (base, adapter), "stored [in, out]", "attn.c_proj", "square")
+
+
 def test_a_quantized_base_is_refused_before_writing(work) -> None:
     tmp_path, base, adapter = work
     tensors = load_file(base / "model.safetensors")

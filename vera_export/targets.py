@@ -127,6 +127,7 @@ def incompatibilities(adapter: VeraAdapter, shapes: Mapping[str, tuple[int, ...]
             )
         elif not is_targeted(adapter.config, module):
             problems.append(f"module {module!r} has lambdas but target_modules does not match it")
+    problems.extend(_ambiguous_layouts(adapter, linear))
     for name, tensor in adapter.replacements.items():
         shape = shapes.get(name)
         if shape is None:
@@ -134,6 +135,33 @@ def incompatibilities(adapter: VeraAdapter, shapes: Mapping[str, tuple[int, ...]
         elif tuple(tensor.shape) != tuple(shape):
             problems.append(f"trained tensor {name!r} is {list(tensor.shape)} but the base has {list(shape)}")
     return problems
+
+
+def _ambiguous_layouts(adapter: VeraAdapter, linear: Mapping[str, tuple[int, int]]) -> list[str]:
+    """A square weight's layout ([out, in] or [in, out]) comes from `fan_in_fan_out`; PEFT decides it per module
+    type (Conv1D or nn.Linear) and saves one flag. Refuse when the adapter's other layers, whose lambda_b length
+    tells their layout, show that the flag cannot be trusted."""
+    layouts: dict[bool, list[str]] = {}
+    square = []
+    for module, layer in adapter.layers.items():
+        shape = linear.get(module)
+        if shape is None or layer.lambda_b.numel() not in shape:
+            continue  # reported as a misfit already
+        if shape[0] == shape[1]:
+            square.append(module)
+        else:
+            layouts.setdefault(layer.lambda_b.numel() == shape[1], []).append(module)
+    if not square or set(layouts) <= {adapter.config.fan_in_fan_out}:
+        return []
+    if len(layouts) == 2:
+        found = f"layers stored both ways ([in, out] like {layouts[True][0]}, [out, in] like {layouts[False][0]})"
+    else:
+        found = f"layers stored {'[in, out]' if True in layouts else '[out, in]'} (like {next(iter(layouts.values()))[0]})"
+    return [
+        f"the adapter has {found} but fan_in_fan_out is {str(adapter.config.fan_in_fan_out).lower()}, so the "
+        f"layout of its square layers ({', '.join(square[:3])}{' ...' if len(square) > 3 else ''}) is unknown; "
+        f"adapt Conv1D and nn.Linear layers in separate adapters"
+    ]
 
 
 def untrained_targets(adapter: VeraAdapter, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
