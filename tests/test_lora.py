@@ -116,6 +116,20 @@ def test_config_is_plain_lora_with_scaling_one(fixture_root, tmp_path, name: str
     assert len(scalings) == len(load_adapter(adapter).layers) and set(scalings) == {1.0}
 
 
+def test_a_regex_target_drops_the_layer_filters_peft_lora_refuses_next_to_it(fixture_root, tmp_path) -> None:
+    """PEFT's VeRA ignores layers_to_transform beside a regex target_modules; its LoraConfig refuses the pair."""
+    name = "llama-regex"
+    base, adapter = base_dir(fixture_root, name), tmp_path / "vera"
+    shutil.copytree(adapter_dir(fixture_root, name), adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "layers_to_transform": [1], "layers_pattern": "layers"}))
+    to_lora(base, adapter, tmp_path / "lora")
+    lora = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert lora["target_modules"] == config["target_modules"] and "layers_to_transform" not in lora
+    model = _load_lora(base, tmp_path / "lora")
+    assert sum(1 for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "scaling")) == len(load_adapter(adapter).layers)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["llama-qv", "gpt2-attn", "llama-bf16-all"])
 def test_factors_equal_the_vera_delta_up_to_one_rounding(fixture_root, tmp_path, name: str, dtype) -> None:

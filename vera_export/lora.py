@@ -314,6 +314,10 @@ def lora_config(vera: VeraAdapter, rank: int) -> dict:
     """The LoRA `adapter_config.json` for a VeRA adapter exported at `rank`: scaling 1, same targets."""
     raw = json.loads((vera.path / CONFIG_NAME).read_text(encoding="utf-8"))
     config = {name: raw[name] for name in _SHARED_CONFIG_FIELDS if name in raw}
+    if isinstance(config.get("target_modules"), str):
+        # A regex alone decides (PEFT ignores these with one); PEFT's LoraConfig refuses them next to a regex.
+        config.pop("layers_to_transform", None)
+        config.pop("layers_pattern", None)
     config.update(
         peft_type="LORA",
         r=rank,
