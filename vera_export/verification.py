@@ -7,9 +7,9 @@ Two kinds of checks, both in the fold's compute precision (float32 for 16-bit we
   *probes*: `W' x` against `W x + adapter(x)` for Gaussian probe vectors `x`. A correctly merged weight differs
   from `W + delta_W` only by per-element rounding, so each output's error is Gaussian with standard deviation at
   most `sigma = sqrt(sum_j ulp(W'_ij)^2)`; the check fails above 8 sigma (a false alarm has odds below 1e-14).
-  *elements*: every element of `W'` against `W + delta_W` computed in float64, block by block of rows; each may be
-  off by at most `ulp(W')` plus the error bound of computing `delta_W` in float32 (as PEFT does before adding
-  it).
+  *elements*: every element of `W'` against `W + delta_W` computed in the fold's precision, block by block of rows;
+  each may be off by at most `ulp(W')` plus the error bound of computing the sum in float32 (as PEFT computes
+  `delta_W` before adding it).
 - **Model**, when it fits in memory: the merged model's outputs against the unmerged VeRA model's (base model plus
   `layers.VeraLinear`, which computes what PEFT computes) on fixed inputs of two shapes.
 """
@@ -160,11 +160,12 @@ def check_layer(name: str, base_weight: torch.Tensor, merged_weight: torch.Tenso
     for scaled_B, scaled_A in factors:
         expected += (x @ scaled_A.T.to(dtype)) @ scaled_B.T.to(dtype)
     error = (x @ W_merged.T - expected).abs()
-    tolerance = (SIGMAS * ulp(W_merged, merged_weight.dtype).square().sum(dim=1).sqrt()).expand_as(error)
+    spacing = ulp(W_merged, merged_weight.dtype)
+    tolerance = (SIGMAS * spacing.square().sum(dim=1).sqrt()).expand_as(error)
     worst = (error / tolerance).argmax()
     probe_ratio = (error / tolerance).flatten()[worst].item()
     row_ratio = max(
-        (_rows_ratio(W[start : start + ROWS], W_merged[start : start + ROWS], merged_weight.dtype, factors, start)
+        (_rows_ratio(W[start : start + ROWS], W_merged[start : start + ROWS], spacing[start : start + ROWS], factors, start)
          for start in range(0, target.out_features, ROWS)),
         default=0.0,
     )
@@ -182,20 +183,24 @@ def check_layer(name: str, base_weight: torch.Tensor, merged_weight: torch.Tenso
 
 
 def _rows_ratio(
-    W: torch.Tensor, W_merged: torch.Tensor, dtype: torch.dtype, factors: list[tuple[torch.Tensor, torch.Tensor]], start: int
+    W: torch.Tensor,
+    W_merged: torch.Tensor,
+    spacing: torch.Tensor,
+    factors: list[tuple[torch.Tensor, torch.Tensor]],
+    start: int,
 ) -> float:
-    """The worst element of a block of rows of `W'` against `W + delta_W` in float64, in units of its tolerance.
+    """The worst element of a block of rows of `W'` against `W + delta_W`, in units of its tolerance.
 
-    A merge may round the sum once, and may compute the delta in float32 first (PEFT does): an element may be off
-    by its ulp plus the float32 error bound of the delta's terms. That bound is only worked out for the elements
-    more than an ulp off, which are few in a correct merge.
+    `W + delta_W` is computed in `W`'s dtype, the fold's precision (float32 for 16-bit weights). A merge may round
+    the sum once, and may compute the delta in float32 first (PEFT does): an element may be off by its ulp plus
+    the float32 error bound of the sum's terms, which also covers this computation's own error. That bound is only
+    worked out for the elements more than an ulp off, which are few in a correct merge.
     """
     stop = start + len(W)
-    exact = W.double()
+    exact = W.clone()
     for scaled_B, scaled_A in factors:
-        exact += scaled_B[start:stop] @ scaled_A
-    merged = W_merged.double()
-    difference, spacing = (merged - exact).abs(), ulp(merged, dtype)
+        exact.addmm_(scaled_B[start:stop].to(W.dtype), scaled_A.to(W.dtype))
+    difference = (W_merged.double() - exact.double()).abs()
     over = difference > spacing
     if not over.any():
         return (difference / spacing).max().item() if difference.numel() else 0.0
@@ -205,7 +210,8 @@ def _rows_ratio(
         magnitude = sum(B[start:stop].abs() @ A.abs() for B, A in factors)[i, j]
     else:
         magnitude = sum((B[start:stop][i].abs() * A[:, j].T.abs()).sum(dim=1) for B, A in factors)
-    return (difference[i, j] / (spacing[i, j] + gamma(terms, torch.float32) * magnitude)).max().item()
+    bound = gamma(terms + 2, torch.float32) * (magnitude + W[i, j].double().abs())
+    return (difference[i, j] / (spacing[i, j] + bound)).max().item()
 
 
 def _linear_factors(delta: LayerDelta) -> tuple[torch.Tensor, torch.Tensor]:
