@@ -43,3 +43,26 @@ def test_regenerated_projection_shapes_with_base(fixture_root) -> None:
     # all-linear on hidden 64 / intermediate 96: max_in = 96 (down_proj), max_out = 96 (gate/up_proj).
     assert report.projections["vera_A"] == [16, 96] and report.projections["vera_B"] == [96, 16]
     assert all("weight_shape" in layer for layer in report.layers)
+
+
+def test_size_of_a_pickled_adapter_and_conflicts_merge_would_refuse(fixture_root, tmp_path) -> None:
+    import torch
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(adapter_dir(fixture_root, "llama-qv"), pickled)
+    torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    (pickled / "adapter_model.safetensors").unlink()
+    report = inspect(pickled, allow_pickle=True)
+    assert report.adapter["checkpoint_bytes"] == (pickled / "adapter_model.bin").stat().st_size > 0
+
+    # A tensor both adapted and replaced (as PEFT saves lm_head.base_layer.weight for an adapted lm_head): merge
+    # refuses it, and inspect says so too.
+    both = tmp_path / "both"
+    shutil.copytree(adapter_dir(fixture_root, "llama-qv"), both)
+    tensors = load_file(both / "adapter_model.safetensors")
+    base = base_dir(fixture_root, "llama-qv")
+    name = "model.layers.0.self_attn.q_proj"
+    tensors[f"base_model.model.{name}.base_layer.weight"] = load_file(base / "model.safetensors")[f"{name}.weight"]
+    save_file(tensors, both / "adapter_model.safetensors")
+    report = inspect(both, base=base)
+    assert not report.compatible and any("both adapted and replaced" in p for p in report.problems)

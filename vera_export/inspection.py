@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from .adapter import VeraAdapter, load_adapter
+from .adapter import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, VeraAdapter, load_adapter
 from .errors import VeraExportError
 from .projections import Rounding, generate_projections
 from .safetensors_io import ShardedTensorIndex
-from .plan import resolve_projections
+from .plan import build_plan
 from .targets import incompatibilities, linear_weights, match_layers, untrained_targets
 
 
@@ -71,7 +71,7 @@ def inspect(adapter: str | Path | VeraAdapter, base: str | Path | None = None, a
     """
     adapter = adapter if isinstance(adapter, VeraAdapter) else load_adapter(adapter, allow_pickle)
     config = adapter.config
-    weights = adapter.path / "adapter_model.safetensors"
+    weights = next((f for f in (adapter.path / WEIGHTS_NAME, adapter.path / PICKLE_WEIGHTS_NAME) if f.is_file()), None)
     summary = {
         "path": str(adapter.path),
         "r": config.r,
@@ -83,7 +83,7 @@ def inspect(adapter: str | Path | VeraAdapter, base: str | Path | None = None, a
         "projection_prng_key": config.projection_prng_key,
         "save_projection": config.save_projection,
         "trainable_parameters": adapter.num_trainable_parameters(),
-        "checkpoint_bytes": weights.stat().st_size if weights.is_file() else 0,
+        "checkpoint_bytes": weights.stat().st_size if weights is not None else 0,
         "replaced_tensors": sorted(adapter.replacements),
     }
     layers = [
@@ -150,11 +150,13 @@ def _against_base(report: InspectReport, adapter: VeraAdapter, base: Path) -> No
     untrained = untrained_targets(adapter, shapes)
     if untrained:
         report.warnings.append(f"target_modules also matches {len(untrained)} layers without lambdas: {', '.join(untrained)}")
-    try:
-        projections = resolve_projections(adapter, index.tensors, targets)
+    try:  # what merge checks on top of the fit: projections, dtypes, tensors both adapted and replaced
+        plan = build_plan([adapter], index.tensors)
+        plan.check_foldable(index.tensors)
     except VeraExportError as exc:
         report.problems.append(str(exc))
         return
+    projections = plan.projections[str(adapter.path)]
     if not projections.stored:
         shape_A, shape_B = list(projections.vera_A.shape), list(projections.vera_B.shape)
         report.projections.update(vera_A=shape_A, vera_B=shape_B)
