@@ -25,14 +25,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
-import transformers
-from onnx_latency import LLAMA, THREADS, _session, build_adapter, build_base, machine, time_interleaved
+from onnx_latency import LLAMA, _session, build_adapter, build_base, machine, settle, time_interleaved
 
 from vera_export.onnx_export import ADAPTER_INDEX, MODEL_NAME, OnnxOptions, onnx
 
@@ -87,10 +84,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--work", type=Path, help="keep the models and graphs here (default: a temporary directory)")
     args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(THREADS)
+    settle()
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)

@@ -156,16 +156,21 @@ def machine() -> str:
     )
 
 
+def settle() -> None:
+    """Libraries quiet, torch on the fixed thread count: the set-up every timing run here starts from."""
+    warnings.simplefilter("ignore")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(THREADS)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--r", type=int, nargs="+", default=[32, 64, 256])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--work", type=Path, help="keep the models and graphs here (default: a temporary directory)")
     args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(THREADS)
+    settle()
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)

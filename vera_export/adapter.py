@@ -132,17 +132,19 @@ class VeraAdapter:
         return vectors + sum(t.numel() for t in self.replacements.values())
 
 
-def load_adapter(path: str | Path, allow_pickle: bool = False) -> VeraAdapter:
-    """Load a PEFT VeRA adapter directory.
+def load_adapter(path: str | Path | VeraAdapter, allow_pickle: bool = False) -> VeraAdapter:
+    """Load a PEFT VeRA adapter directory; an adapter already loaded is returned as it is.
 
     Args:
-        path: Directory with `adapter_config.json` and `adapter_model.safetensors`.
+        path: Directory with `adapter_config.json` and `adapter_model.safetensors`, or a loaded adapter.
         allow_pickle: Read `adapter_model.bin` with `torch.load(weights_only=True)` when there is no safetensors
             file. Off by default: a pickle from elsewhere is not trusted.
 
     Raises:
         AdapterError: The directory, its config or its tensors are not a valid VeRA adapter.
     """
+    if isinstance(path, VeraAdapter):
+        return path
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"{path}: adapter directory does not exist; point --adapter at a PEFT adapter directory")

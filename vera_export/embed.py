@@ -80,7 +80,7 @@ def embed_projections(
         AdapterError: The adapter already stores its projections (there is nothing to embed), or is invalid.
         IncompatibleAdapterError, OutputError: See the message.
     """
-    vera = adapter if isinstance(adapter, VeraAdapter) else load_adapter(adapter, options.allow_pickle)
+    vera = load_adapter(adapter, options.allow_pickle)
     if vera.vera_A is not None:
         raise AdapterError(
             f"{vera.path}: already stores base_model.vera_A / base_model.vera_B; there is nothing to embed, and the "

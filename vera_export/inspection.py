@@ -69,7 +69,7 @@ def inspect(adapter: str | Path | VeraAdapter, base: str | Path | None = None, a
     Stored projections are compared with what `projection_prng_key` regenerates, under both CPU roundings (see
     `projections.Rounding`), so the report says whether the checkpoint would reload identically without them.
     """
-    adapter = adapter if isinstance(adapter, VeraAdapter) else load_adapter(adapter, allow_pickle)
+    adapter = load_adapter(adapter, allow_pickle)
     config = adapter.config
     weights = next((f for f in (adapter.path / WEIGHTS_NAME, adapter.path / PICKLE_WEIGHTS_NAME) if f.is_file()), None)
     summary = {

@@ -131,7 +131,7 @@ def unmerge_from(
 
 
 def _plan(model: nn.Module, adapters: Sequence[str | Path | VeraAdapter], rounding: Rounding) -> Plan:
-    loaded = [a if isinstance(a, VeraAdapter) else load_adapter(a) for a in adapters]
+    loaded = [load_adapter(a) for a in adapters]
     return build_plan(loaded, model.state_dict(keep_vars=True), rounding)
 
 

@@ -155,7 +155,7 @@ def to_lora(
     out_dtype = lora_dtype(dtype)
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank}")
-    vera = adapter if isinstance(adapter, VeraAdapter) else load_adapter(adapter, options.allow_pickle)
+    vera = load_adapter(adapter, options.allow_pickle)
     base, output = Path(base), Path(output)
     plan = build_plan([vera], ShardedTensorIndex.from_dir(base).tensors, options.rounding)
     notes = list(plan.warnings)

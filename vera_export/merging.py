@@ -75,7 +75,7 @@ def merge(
         output: Directory to create; written in full or not at all.
         options: See `MergeOptions`.
     """
-    loaded = [_load(a, options) for a in adapters]
+    loaded = [load_adapter(a, options.allow_pickle) for a in adapters]
     return _rewrite(Path(base), loaded, Path(output), alpha=1.0, options=options)
 
 
@@ -90,12 +90,8 @@ def unmerge(
     Tensors the merge replaced (trained biases, `modules_to_save`) cannot be recovered from the merged checkpoint;
     they are copied as they are and listed in the report's warnings.
     """
-    loaded = [_load(a, options) for a in adapters]
+    loaded = [load_adapter(a, options.allow_pickle) for a in adapters]
     return _rewrite(Path(merged), loaded, Path(output), alpha=-1.0, options=options)
-
-
-def _load(adapter: str | Path | VeraAdapter, options: MergeOptions) -> VeraAdapter:
-    return adapter if isinstance(adapter, VeraAdapter) else load_adapter(adapter, allow_pickle=options.allow_pickle)
 
 
 def _rewrite(source: Path, adapters: list[VeraAdapter], output: Path, alpha: float, options: MergeOptions) -> MergeReport:

@@ -233,7 +233,7 @@ def _resolve(
 
     Returns the plan of their stacking (merged and adapter mode) or, in bank mode, the bank they form.
     """
-    loaded = [a if isinstance(a, VeraAdapter) else load_adapter(a, allow_pickle) for a in adapters]
+    loaded = [load_adapter(a, allow_pickle) for a in adapters]
     if mode == "adapter" and len(loaded) != 1:
         raise AdapterError(
             f"adapter mode exports exactly one adapter, got {len(loaded)}; export the others as adapter files "

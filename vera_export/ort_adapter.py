@@ -319,7 +319,7 @@ def onnx_adapter(
     """
     manifest = Manifest.read(model_dir)
     many = [adapters] if isinstance(adapters, (str, Path, VeraAdapter)) else list(adapters)
-    loaded = [a if isinstance(a, VeraAdapter) else load_adapter(a, allow_pickle) for a in many]
+    loaded = [load_adapter(a, allow_pickle) for a in many]
     output = Path(output_file)
     check_outside_inputs(output, [Path(model_dir), *(a.path for a in loaded)])
     if output.is_dir() or (output.exists() and not force):

@@ -115,7 +115,7 @@ def verify(
     Returns:
         The report; `report.passed` is the verdict. Inputs that cannot be compared at all raise instead.
     """
-    loaded = [a if isinstance(a, VeraAdapter) else load_adapter(a, options.allow_pickle) for a in adapters]
+    loaded = [load_adapter(a, options.allow_pickle) for a in adapters]
     base, merged = Path(base), Path(merged)
     base_index, merged_index = ShardedTensorIndex.from_dir(base), ShardedTensorIndex.from_dir(merged)
     report = VerifyReport()
