@@ -29,8 +29,14 @@ RANK = 256
 
 def llama_config(layers: int) -> transformers.LlamaConfig:
     return transformers.LlamaConfig(
-        hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers, num_attention_heads=32,
-        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
         torch_dtype="bfloat16",
     )
 
@@ -79,7 +85,9 @@ def build_base(out: Path, layers: int) -> dict[str, tuple[int, ...]]:
 
 def build_adapter(out: Path, shapes: dict[str, tuple[int, ...]], seed: int = 1) -> None:
     """An all-linear VeRA adapter as PEFT saves it for a bf16 model (projections rounded to bf16, stored fp32)."""
-    modules = [n.removesuffix(".weight") for n in shapes if n.endswith(".weight") and n.split(".")[-2] in TARGETS]
+    modules = [
+        n.removesuffix(".weight") for n in shapes if n.endswith(".weight") and n.split(".")[-2] in TARGETS
+    ]
     max_in = max(shapes[f"{m}.weight"][1] for m in modules)
     max_out = max(shapes[f"{m}.weight"][0] for m in modules)
     vera_A, vera_B = generate_projections(0, RANK, max_in, max_out)
@@ -87,15 +95,31 @@ def build_adapter(out: Path, shapes: dict[str, tuple[int, ...]], seed: int = 1) 
     generator = torch.Generator().manual_seed(seed)
     for module in modules:
         out_features = shapes[f"{module}.weight"][0]
-        tensors[f"base_model.model.{module}.vera_lambda_b"] = torch.randn(out_features, generator=generator) * 0.01
-        tensors[f"base_model.model.{module}.vera_lambda_d"] = 0.1 + torch.randn(RANK, generator=generator) * 0.05
+        tensors[f"base_model.model.{module}.vera_lambda_b"] = (
+            torch.randn(out_features, generator=generator) * 0.01
+        )
+        tensors[f"base_model.model.{module}.vera_lambda_d"] = (
+            0.1 + torch.randn(RANK, generator=generator) * 0.05
+        )
     out.mkdir(parents=True)
     save_tensors(out / "adapter_model.safetensors", tensors, {"format": "pt"})
     config = {
-        "peft_type": "VERA", "r": RANK, "target_modules": TARGETS, "projection_prng_key": 0, "save_projection": True,
-        "vera_dropout": 0.0, "d_initial": 0.1, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None,
-        "init_weights": True, "layers_to_transform": None, "layers_pattern": None, "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": None, "inference_mode": True,
+        "peft_type": "VERA",
+        "r": RANK,
+        "target_modules": TARGETS,
+        "projection_prng_key": 0,
+        "save_projection": True,
+        "vera_dropout": 0.0,
+        "d_initial": 0.1,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "modules_to_save": None,
+        "init_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        "inference_mode": True,
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
@@ -110,7 +134,9 @@ def ensure(workdir: Path, layers: int) -> tuple[Path, Path]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--layers", type=int, nargs="+", default=[22, 8])
     args = parser.parse_args()

@@ -69,7 +69,19 @@ def candidates(workdir: Path) -> list[Candidate]:
     python = sys.executable
 
     def ours(base: Path, adapter: Path, out: str) -> list[str]:
-        return [python, "-m", "vera_export", "merge", "--base", str(base), "--adapter", str(adapter), "--output", str(workdir / out), "--quiet"]
+        return [
+            python,
+            "-m",
+            "vera_export",
+            "merge",
+            "--base",
+            str(base),
+            "--adapter",
+            str(adapter),
+            "--output",
+            str(workdir / out),
+            "--quiet",
+        ]
 
     bare_loop = (
         "import sys; from vera_export import merge, MergeOptions; "
@@ -90,7 +102,12 @@ def candidates(workdir: Path) -> list[Candidate]:
             inputs22,
             workdir / "out-peft",
         ),
-        Candidate("vera-export merge, 8 layers", ours(base8, adapter8, "out-ours-8"), inputs8, workdir / "out-ours-8"),
+        Candidate(
+            "vera-export merge, 8 layers",
+            ours(base8, adapter8, "out-ours-8"),
+            inputs8,
+            workdir / "out-ours-8",
+        ),
     ]
 
 
@@ -127,7 +144,9 @@ def report(results: list[Candidate], rounds: int) -> str:
         "| --- | ---: | ---: | ---: |",
     ]
     for c in results:
-        lines.append(f"| {c.name} | {min(c.walls):.2f} | {statistics.median(c.walls):.2f} | {min(c.rss) / 2**20:.0f} |")
+        lines.append(
+            f"| {c.name} | {min(c.walls):.2f} | {statistics.median(c.walls):.2f} | {min(c.rss) / 2**20:.0f} |"
+        )
     wall_ratio = min(ours.walls) / min(peft.walls)
     median_ratio = statistics.median(ours.walls) / statistics.median(peft.walls)
     round_ratio = statistics.median(a / b for a, b in zip(ours.walls, peft.walls))
@@ -150,7 +169,9 @@ def report(results: list[Candidate], rounds: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/vera-export-bench"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
@@ -161,7 +182,10 @@ def main() -> None:
         order = results[round_number % len(results) :] + results[: round_number % len(results)]
         for candidate in order:
             run(candidate)
-            print(f"round {round_number + 1}: {candidate.name}: {candidate.walls[-1]:.2f} s, {candidate.rss[-1] / 2**20:.0f} MiB", flush=True)
+            print(
+                f"round {round_number + 1}: {candidate.name}: {candidate.walls[-1]:.2f} s, {candidate.rss[-1] / 2**20:.0f} MiB",
+                flush=True,
+            )
     text = report(results, args.rounds)
     args.results.write_text(text)
     print(text)

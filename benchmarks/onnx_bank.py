@@ -45,8 +45,10 @@ def export(base: Path, adapters: list[Path], out: Path, mode: str, verify: bool)
     else:
         worst = max(c.max_abs_error / c.tolerance for c in report.verification.checks if c.tolerance)
         verdict = "passed" if report.verification.passed else "FAILED"
-        print(f"{out.name}: exported and verified in {seconds:.0f} s, {verdict}, worst output at {worst:.2f} of "
-              f"its tolerance")
+        print(
+            f"{out.name}: exported and verified in {seconds:.0f} s, {verdict}, worst output at {worst:.2f} of "
+            f"its tolerance"
+        )
     return report.output / MODEL_NAME
 
 
@@ -78,11 +80,15 @@ def engines(work: Path, base: Path, r: int) -> dict[str, Callable[[dict[str, np.
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--r", type=int, default=64)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1, 4, 16, 128])
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--work", type=Path, help="keep the models and graphs here (default: a temporary directory)")
+    parser.add_argument(
+        "--work", type=Path, help="keep the models and graphs here (default: a temporary directory)"
+    )
     args = parser.parse_args()
     settle()
     with tempfile.TemporaryDirectory() as scratch:
@@ -100,9 +106,14 @@ def main() -> None:
             rows.append((length, time_interleaved(runs, batch, args.rounds)))
     print(f"\nMachine: {machine()}\n")
     names = list(rows[0][1])
-    print(f"r = {args.r}, {ADAPTERS} adapters, {args.rounds} rounds; medians in ms per batch of {ADAPTERS} rows\n")
-    print("| batch x seq | " + " | ".join(f"{n} (ms)" for n in names)
-          + " | bank throughput / 8 merged | bank / adapter, batch 8 | batching bound |")
+    print(
+        f"r = {args.r}, {ADAPTERS} adapters, {args.rounds} rounds; medians in ms per batch of {ADAPTERS} rows\n"
+    )
+    print(
+        "| batch x seq | "
+        + " | ".join(f"{n} (ms)" for n in names)
+        + " | bank throughput / 8 merged | bank / adapter, batch 8 | batching bound |"
+    )
     print("|---|" + "---|" * len(names) + "---|---|---|")
     for length, medians in rows:
         cells = " | ".join(f"{1e3 * medians[n]:.2f}" for n in names)

@@ -32,14 +32,19 @@ import onnxruntime as ort
 import torch
 import transformers
 
-from vera_export.ort_adapter import onnx_adapter
 from vera_export.onnx_export import MODEL_NAME, OnnxOptions, onnx
+from vera_export.ort_adapter import onnx_adapter
 
 THREADS = 2
 SHAPES = [(1, 16), (1, 128), (4, 128), (8, 128)]
 LLAMA = dict(
-    hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
-    vocab_size=8192, max_position_embeddings=512,
+    hidden_size=512,
+    intermediate_size=1376,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    vocab_size=8192,
+    max_position_embeddings=512,
 )
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -92,8 +97,10 @@ def engines(work: Path, base: Path, r: int) -> dict[str, Callable[[dict[str, np.
         started = time.perf_counter()
         report = onnx(base, [adapter], work / f"onnx-r{r}-{mode}", OnnxOptions(mode=mode))
         worst = max(c.max_abs_error / c.tolerance for c in report.verification.checks if c.tolerance)
-        print(f"r={r} {mode}: exported and verified in {time.perf_counter() - started:.0f} s, "
-              f"{'passed' if report.verification.passed else 'FAILED'}, worst output at {worst:.2f} of tolerance")
+        print(
+            f"r={r} {mode}: exported and verified in {time.perf_counter() - started:.0f} s, "
+            f"{'passed' if report.verification.passed else 'FAILED'}, worst output at {worst:.2f} of tolerance"
+        )
         exported[mode] = _session(report.output / MODEL_NAME)
     file = onnx_adapter(work / f"onnx-r{r}-adapter", other, work / f"other-r{r}.onnx_adapter").output
     lora = ort.LoraAdapter()
@@ -130,7 +137,9 @@ def flop_ratio(r: int, length: int) -> float:
     return (merged + adapter) / merged
 
 
-def time_interleaved(runs: dict[str, Callable], batch: dict[str, np.ndarray], rounds: int) -> dict[str, float]:
+def time_interleaved(
+    runs: dict[str, Callable], batch: dict[str, np.ndarray], rounds: int
+) -> dict[str, float]:
     """Median seconds per run of each engine, one run of each per round after two warm-up rounds."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for round_ in range(rounds + 2):
@@ -165,10 +174,14 @@ def settle() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--r", type=int, nargs="+", default=[32, 64, 256])
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--work", type=Path, help="keep the models and graphs here (default: a temporary directory)")
+    parser.add_argument(
+        "--work", type=Path, help="keep the models and graphs here (default: a temporary directory)"
+    )
     args = parser.parse_args()
     settle()
     with tempfile.TemporaryDirectory() as scratch:
@@ -188,7 +201,11 @@ def main() -> None:
                 rows.append((r, (batch_size, length), medians))
     print(f"\nMachine: {machine()}\n")
     names = list(rows[0][2])
-    print("| r | batch x seq | " + " | ".join(f"{n} (ms)" for n in names) + " | adapter / merged | FLOPs ratio |")
+    print(
+        "| r | batch x seq | "
+        + " | ".join(f"{n} (ms)" for n in names)
+        + " | adapter / merged | FLOPs ratio |"
+    )
     print("|---|---|" + "---|" * len(names) + "---|---|")
     for r, (batch_size, length), medians in rows:
         ratio = medians["ORT adapter"] / medians["ORT merged"]

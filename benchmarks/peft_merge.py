@@ -1,6 +1,6 @@
 """The path users take today, timed as one process: transformers + PEFT merge_and_unload + save_pretrained.
 
-    python benchmarks/peft_merge.py BASE ADAPTER OUTPUT
+python benchmarks/peft_merge.py BASE ADAPTER OUTPUT
 """
 
 from __future__ import annotations

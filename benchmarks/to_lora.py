@@ -73,10 +73,14 @@ def product(tensors: dict[str, torch.Tensor], module: str) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--rank", type=int, default=16, help="the truncated rank to compare (the exact one is r)")
+    parser.add_argument(
+        "--rank", type=int, default=16, help="the truncated rank to compare (the exact one is r)"
+    )
     parser.add_argument("--check-layer", type=int, default=0)
     args = parser.parse_args()
     transformers.utils.logging.disable_progress_bar()
@@ -86,7 +90,9 @@ def main() -> None:
     ranks = [args.rank, r]
 
     ours: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+    print(
+        f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
+    )
     print("| export | rank | factors | seconds (best of 3 / 2) |\n| --- | --- | --- | --- |")
     for rank in ranks:
         for dtype in ("float32", "bfloat16"):
@@ -109,8 +115,10 @@ def main() -> None:
         best, norm = (u[:, :k] * s[:k]) @ vh[:k], s.norm()
         optimum = (s[k:].norm() / norm).item()
         excess = [((product(t, module) - best).norm() / norm).item() for t in (ours[k, "float32"], theirs[k])]
-        exact = [((product(t, module) - delta).norm() / norm).item()
-                 for t in (ours[r, "float32"], ours[r, "bfloat16"], theirs[r])]
+        exact = [
+            ((product(t, module) - delta).norm() / norm).item()
+            for t in (ours[r, "float32"], ours[r, "bfloat16"], theirs[r])
+        ]
         cells = [f"{optimum:.4f}", *(f"{e:.2e}" for e in excess), *(f"{e:.2e}" for e in exact)]
         print(f"| {module.split('layers.')[-1]} | " + " | ".join(cells) + " |")
 

@@ -11,9 +11,8 @@ import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from vera_export.cli import main
-
 from tests.helpers import adapter_dir, base_dir
+from vera_export.cli import main
 
 
 def run(*args: str):
@@ -22,7 +21,7 @@ def run(*args: str):
 
 def _one_error_line(result, *fragments: str) -> None:
     assert result.exit_code == 2, result.output
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
@@ -31,14 +30,36 @@ def _one_error_line(result, *fragments: str) -> None:
 
 def test_help_shows_examples() -> None:
     assert "Example" in run("--help").output
-    for command in ("merge", "unmerge", "inspect", "verify", "to-lora", "embed-projections", "onnx", "onnx-adapter"):
+    for command in (
+        "merge",
+        "unmerge",
+        "inspect",
+        "verify",
+        "to-lora",
+        "embed-projections",
+        "onnx",
+        "onnx-adapter",
+    ):
         result = run(command, "--help")
-        assert result.exit_code == 0 and "Example" in result.output and "vera-export " + command in result.output
+        assert (
+            result.exit_code == 0 and "Example" in result.output and "vera-export " + command in result.output
+        )
 
 
 def test_merge_verify_json(fixture_root, tmp_path) -> None:
     base, adapter = base_dir(fixture_root, "gpt2-attn"), adapter_dir(fixture_root, "gpt2-attn")
-    result = run("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "out", "--verify", "--json", "--quiet")
+    result = run(
+        "merge",
+        "--base",
+        base,
+        "--adapter",
+        adapter,
+        "--output",
+        tmp_path / "out",
+        "--verify",
+        "--json",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["merge"]["folded"] == 6 and report["verify"]["passed"] is True
@@ -47,7 +68,9 @@ def test_merge_verify_json(fixture_root, tmp_path) -> None:
 
 def test_verify_exit_code_and_json(fixture_root, tmp_path) -> None:
     base, adapter = base_dir(fixture_root, "llama-qv"), adapter_dir(fixture_root, "llama-qv")
-    result = run("verify", "--base", base, "--adapter", adapter, "--merged", base, "--layers-only", "--json", "--quiet")
+    result = run(
+        "verify", "--base", base, "--adapter", adapter, "--merged", base, "--layers-only", "--json", "--quiet"
+    )
     assert result.exit_code == 1
     report = json.loads(result.stdout)
     assert report["passed"] is False and any(not c["passed"] for c in report["checks"])
@@ -55,8 +78,13 @@ def test_verify_exit_code_and_json(fixture_root, tmp_path) -> None:
 
 def test_unmerge_reports_what_it_cannot_restore(fixture_root, tmp_path) -> None:
     base, adapter = base_dir(fixture_root, "bert-cls"), adapter_dir(fixture_root, "bert-cls")
-    assert run("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "m", "--quiet").exit_code == 0
-    result = run("unmerge", "--merged", tmp_path / "m", "--adapter", adapter, "--output", tmp_path / "u", "--quiet")
+    assert (
+        run("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "m", "--quiet").exit_code
+        == 0
+    )
+    result = run(
+        "unmerge", "--merged", tmp_path / "m", "--adapter", adapter, "--output", tmp_path / "u", "--quiet"
+    )
     assert result.exit_code == 0
     assert "warning:" in result.stderr and "classifier.weight" in result.stderr
 
@@ -65,10 +93,14 @@ def test_onnx_commands_as_a_pipeline_runs_them(fixture_root, tmp_path) -> None:
     """Export with the stage bar, verify for CI, catch a changed adapter, write it as an ONNX Runtime adapter file."""
     base, adapter = base_dir(fixture_root, "gpt2-attn"), adapter_dir(fixture_root, "gpt2-attn")
     graph = tmp_path / "graph"
-    result = run("onnx", "--base", base, "--adapter", adapter, "--output", graph, "--mode", "adapter", "--json")
+    result = run(
+        "onnx", "--base", base, "--adapter", adapter, "--output", graph, "--mode", "adapter", "--json"
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)["onnx"]
-    assert report["mode"] == "adapter" and report["verify"]["passed"] is True and "model.onnx" in report["files"]
+    assert (
+        report["mode"] == "adapter" and report["verify"]["passed"] is True and "model.onnx" in report["files"]
+    )
     assert "exporting (adapter)" in result.stderr
 
     result = run("verify", "--base", base, "--adapter", adapter, "--onnx", graph, "--json", "--quiet")
@@ -83,15 +115,31 @@ def test_onnx_commands_as_a_pipeline_runs_them(fixture_root, tmp_path) -> None:
     result = run("verify", "--base", base, "--adapter", changed, "--onnx", graph, "--json", "--quiet")
     assert result.exit_code == 1 and json.loads(result.stdout)["passed"] is False
 
-    result = run("onnx-adapter", "--model", graph, "--adapter", changed, "--output", tmp_path / "c.onnx_adapter", "--json")
+    result = run(
+        "onnx-adapter",
+        "--model",
+        graph,
+        "--adapter",
+        changed,
+        "--output",
+        tmp_path / "c.onnx_adapter",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["onnx_adapter"]["bytes_written"] == (tmp_path / "c.onnx_adapter").stat().st_size
+    assert (
+        json.loads(result.stdout)["onnx_adapter"]["bytes_written"]
+        == (tmp_path / "c.onnx_adapter").stat().st_size
+    )
 
 
 def test_inspect_text_and_json(fixture_root) -> None:
     adapter = adapter_dir(fixture_root, "llama-qv")
     text = run("inspect", adapter)
-    assert text.exit_code == 0 and "r           8" in text.output and "equal to what the key regenerates" in text.output
+    assert (
+        text.exit_code == 0
+        and "r           8" in text.output
+        and "equal to what the key regenerates" in text.output
+    )
     result = run("inspect", adapter, "--base", base_dir(fixture_root, "llama-qv"), "--json")
     report = json.loads(result.stdout)
     assert result.exit_code == 0 and report["compatible"] is True
@@ -99,7 +147,13 @@ def test_inspect_text_and_json(fixture_root) -> None:
 
 
 def test_inspect_lists_every_incompatibility(fixture_root) -> None:
-    result = run("inspect", adapter_dir(fixture_root, "llama-all-noproj"), "--base", base_dir(fixture_root, "gpt2-attn"), "--json")
+    result = run(
+        "inspect",
+        adapter_dir(fixture_root, "llama-all-noproj"),
+        "--base",
+        base_dir(fixture_root, "gpt2-attn"),
+        "--json",
+    )
     report = json.loads(result.stdout)
     assert result.exit_code == 1 and report["compatible"] is False
     assert len(report["problems"]) == 14  # every targeted layer of the Llama adapter, at once
@@ -108,12 +162,54 @@ def test_inspect_lists_every_incompatibility(fixture_root) -> None:
 @pytest.mark.parametrize(
     "make_args, fragments",
     [
-        (lambda root, tmp: ["merge", "--base", tmp / "nope", "--adapter", adapter_dir(root, "llama-qv"), "--output", tmp / "o"], ["nope"]),
-        (lambda root, tmp: ["merge", "--base", base_dir(root, "llama-qv"), "--adapter", tmp / "nope", "--output", tmp / "o"], ["nope"]),
-        (lambda root, tmp: ["merge", "--base", base_dir(root, "gpt2-attn"), "--adapter", adapter_dir(root, "llama-qv"), "--output", tmp / "o"],
-         ["does not fit", "q_proj"]),
-        (lambda root, tmp: ["merge", "--base", base_dir(root, "llama-qv"), "--adapter", adapter_dir(root, "llama-qv"), "--output", base_dir(root, "llama-qv") / "sub"],
-         ["overlaps"]),
+        (
+            lambda root, tmp: [
+                "merge",
+                "--base",
+                tmp / "nope",
+                "--adapter",
+                adapter_dir(root, "llama-qv"),
+                "--output",
+                tmp / "o",
+            ],
+            ["nope"],
+        ),
+        (
+            lambda root, tmp: [
+                "merge",
+                "--base",
+                base_dir(root, "llama-qv"),
+                "--adapter",
+                tmp / "nope",
+                "--output",
+                tmp / "o",
+            ],
+            ["nope"],
+        ),
+        (
+            lambda root, tmp: [
+                "merge",
+                "--base",
+                base_dir(root, "gpt2-attn"),
+                "--adapter",
+                adapter_dir(root, "llama-qv"),
+                "--output",
+                tmp / "o",
+            ],
+            ["does not fit", "q_proj"],
+        ),
+        (
+            lambda root, tmp: [
+                "merge",
+                "--base",
+                base_dir(root, "llama-qv"),
+                "--adapter",
+                adapter_dir(root, "llama-qv"),
+                "--output",
+                base_dir(root, "llama-qv") / "sub",
+            ],
+            ["overlaps"],
+        ),
     ],
     ids=["missing base", "missing adapter", "adapter for another model", "output inside base"],
 )
@@ -129,7 +225,9 @@ def test_lora_adapter_is_refused(fixture_root, tmp_path) -> None:
     shutil.copytree(adapter_dir(fixture_root, "llama-qv"), lora)
     config = json.loads((lora / "adapter_config.json").read_text())
     (lora / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
-    result = run("merge", "--base", base_dir(fixture_root, "llama-qv"), "--adapter", lora, "--output", tmp_path / "o")
+    result = run(
+        "merge", "--base", base_dir(fixture_root, "llama-qv"), "--adapter", lora, "--output", tmp_path / "o"
+    )
     _one_error_line(result, "LORA", "VERA")
 
 
@@ -137,37 +235,74 @@ def test_existing_output_needs_force(fixture_root, tmp_path) -> None:
     base, adapter = base_dir(fixture_root, "llama-qv"), adapter_dir(fixture_root, "llama-qv")
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "keep.txt").write_text("mine")
-    _one_error_line(run("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "o", "--quiet"), "--force")
+    _one_error_line(
+        run("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "o", "--quiet"), "--force"
+    )
     assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
-    assert run("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "o", "--quiet", "--force").exit_code == 0
+    assert (
+        run(
+            "merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "o", "--quiet", "--force"
+        ).exit_code
+        == 0
+    )
     assert not (tmp_path / "o" / "keep.txt").exists() and (tmp_path / "o" / "model.safetensors").is_file()
 
 
 def test_console_script_runs(fixture_root, tmp_path) -> None:
     """The installed entry point, in a real process: an error is one line without traceback."""
     result = subprocess.run(
-        [sys.executable, "-m", "vera_export", "inspect", str(tmp_path / "missing")], capture_output=True, text=True
+        [sys.executable, "-m", "vera_export", "inspect", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "missing" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip().count("\n") == 0
+        and "missing" in result.stderr
+        and "Traceback" not in result.stderr
+    )
 
 
 def test_to_lora_and_embed_projections(fixture_root, tmp_path) -> None:
     name = "gpt2-attn"
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
-    result = run("to-lora", "--base", base, "--adapter", adapter, "--output", tmp_path / "lora", "--rank", "4", "--json")
+    result = run(
+        "to-lora",
+        "--base",
+        base,
+        "--adapter",
+        adapter,
+        "--output",
+        tmp_path / "lora",
+        "--rank",
+        "4",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["rank"] == 4 and not report["exact"] and 0 < report["total_truncation_error"] < 1
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert "warning:" in result.stderr  # vLLM refuses trained biases
     assert "truncating layers to rank 4" in result.stderr  # the progress bar's label
-    quiet = run("to-lora", "--base", base, "--adapter", adapter, "--output", tmp_path / "quiet", "--quiet", "--json")
+    quiet = run(
+        "to-lora", "--base", base, "--adapter", adapter, "--output", tmp_path / "quiet", "--quiet", "--json"
+    )
     assert quiet.exit_code == 0 and "layers" not in quiet.stderr
     result = run("embed-projections", "--base", base, "--adapter", adapter, "--output", tmp_path / "embedded")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "embedded" / "adapter_config.json").read_text())["save_projection"] is True
-    _one_error_line(run("embed-projections", "--base", base, "--adapter", tmp_path / "embedded", "--output", tmp_path / "again"), "already stores")
+    _one_error_line(
+        run(
+            "embed-projections",
+            "--base",
+            base,
+            "--adapter",
+            tmp_path / "embedded",
+            "--output",
+            tmp_path / "again",
+        ),
+        "already stores",
+    )
 
 
 def test_debug_shows_the_traceback(tmp_path) -> None:

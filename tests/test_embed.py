@@ -16,7 +16,9 @@ from vera_export.embed import embed_projections
 WEIGHTS = "adapter_model.safetensors"
 
 
-@pytest.mark.parametrize("name", ["llama-all-noproj", "llama-layers", "llama-bf16-all", "gpt2-attn", "bert-cls"])
+@pytest.mark.parametrize(
+    "name", ["llama-all-noproj", "llama-layers", "llama-bf16-all", "gpt2-attn", "bert-cls"]
+)
 def test_embedded_adapter_loads_bit_identically_in_peft(fixture_root, tmp_path, name: str) -> None:
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
     out = tmp_path / "embedded"
@@ -38,7 +40,9 @@ def test_embedded_adapter_loads_bit_identically_in_peft(fixture_root, tmp_path, 
     config["projection_prng_key"] = original_config.get("projection_prng_key", 0) + 1
     (out / "adapter_config.json").write_text(json.dumps(config))
     inputs = sample_inputs(reference.config.vocab_size)
-    torch.testing.assert_close(outputs(load_peft(base, [out]), inputs), outputs(reference, inputs), rtol=0, atol=0)
+    torch.testing.assert_close(
+        outputs(load_peft(base, [out]), inputs), outputs(reference, inputs), rtol=0, atol=0
+    )
 
 
 def test_other_rounding_embeds_other_projections(fixture_root, tmp_path) -> None:
@@ -51,7 +55,9 @@ def test_other_rounding_embeds_other_projections(fixture_root, tmp_path) -> None
     # vera_B (96, 16): its bound sqrt(6 / 16) is no power of two, so the two roundings of x * span + low differ.
     a, b = fma["base_model.vera_B"], separate["base_model.vera_B"]
     assert 0.1 < (a != b).float().mean() < 0.9
-    assert ((a - b).abs() <= torch.finfo(torch.float32).eps * a.abs().max()).all()  # one rounding of x * span apart
+    assert (
+        (a - b).abs() <= torch.finfo(torch.float32).eps * a.abs().max()
+    ).all()  # one rounding of x * span apart
 
 
 def test_adapter_with_stored_projections_is_refused(fixture_root, tmp_path) -> None:

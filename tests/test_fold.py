@@ -29,7 +29,10 @@ def _ulp_errors(result: torch.Tensor, exact: list[list[Fraction]]) -> torch.Tens
     """|result - exact| in units of the result's ulp, element by element."""
     spacing = ulp(result, result.dtype)
     errors = [
-        [float(abs(Fraction(float(result[i, j])) - exact[i][j]) / Fraction(float(spacing[i, j]))) for j in range(result.shape[1])]
+        [
+            float(abs(Fraction(float(result[i, j])) - exact[i][j]) / Fraction(float(spacing[i, j])))
+            for j in range(result.shape[1])
+        ]
         for i in range(result.shape[0])
     ]
     return torch.tensor(errors)
@@ -45,7 +48,9 @@ def _random_delta(rows: int, cols: int, r: int, fan_in_fan_out: bool, seed: int 
     return VeraDelta(lambda_b, lambda_d, vera_A, vera_B, in_features, out_features, fan_in_fan_out)
 
 
-def _cancelling_weight(dtype: torch.dtype, left: torch.Tensor, right: torch.Tensor, seed: int = 0) -> torch.Tensor:
+def _cancelling_weight(
+    dtype: torch.dtype, left: torch.Tensor, right: torch.Tensor, seed: int = 0
+) -> torch.Tensor:
     """A weight where a quarter of the elements are -delta rounded to `dtype`: near-total cancellation."""
     g = torch.Generator().manual_seed(seed)
     delta = left.double() @ right.double()
@@ -72,7 +77,12 @@ def test_fold_is_within_one_ulp_of_exact(dtype: torch.dtype, fan_in_fan_out: boo
 def test_factors_are_the_vera_delta() -> None:
     """`left @ right` is diag(lambda_b) B[:out] diag(lambda_d) A[:, :in], transposed for fan_in_fan_out."""
     d = _random_delta(6, 5, 3, False)
-    expected = torch.diag(d.lambda_b.double()) @ d.vera_B[:6].double() @ torch.diag(d.lambda_d.double()) @ d.vera_A[:, :5].double()
+    expected = (
+        torch.diag(d.lambda_b.double())
+        @ d.vera_B[:6].double()
+        @ torch.diag(d.lambda_d.double())
+        @ d.vera_A[:, :5].double()
+    )
     left, right = d.factors()
     assert left.dtype == right.dtype == torch.float64
     torch.testing.assert_close(left @ right, expected, rtol=1e-12, atol=1e-15)
@@ -80,9 +90,11 @@ def test_factors_are_the_vera_delta() -> None:
     left_t, right_t = transposed.factors()
     torch.testing.assert_close(left_t @ right_t, expected.T, rtol=1e-12, atol=1e-15)
     # The exact rows and columns the guard recomputes from are those of the float64 factors, in both layouts.
-    for delta, (l, r) in ((d, (left, right)), (transposed, (left_t, right_t))):
+    for delta, (lt, rt) in ((d, (left, right)), (transposed, (left_t, right_t))):
         rows, columns = torch.tensor([0, 4]), torch.tensor([1, 2])
-        assert torch.equal(delta.left_rows(rows), l[rows]) and torch.equal(delta.right_columns(columns), r[:, columns].T)
+        assert torch.equal(delta.left_rows(rows), lt[rows]) and torch.equal(
+            delta.right_columns(columns), rt[:, columns].T
+        )
     # In float32 each product is rounded once: the float64 factors rounded.
     assert all(torch.equal(a, b.float()) for a, b in zip(d.factors(torch.float32), d.factors()))
 
@@ -115,7 +127,7 @@ def test_several_adapters_round_once() -> None:
     dtype = torch.bfloat16
     deltas = [_random_delta(16, 12, 4, False, seed=s) for s in (1, 2, 3)]
     factors = [d.factors() for d in deltas]
-    left, right = torch.cat([l for l, _ in factors], dim=1), torch.cat([r for _, r in factors], dim=0)
+    left, right = torch.cat([lf for lf, _ in factors], dim=1), torch.cat([rf for _, rf in factors], dim=0)
     weight = _cancelling_weight(dtype, left, right)
     merged = fold(weight, deltas)
     assert _ulp_errors(merged, _exact(weight, factors)).max() <= 1.0
@@ -192,7 +204,9 @@ def test_a_few_cancelling_elements_in_a_large_weight_are_repaired(dtype, fan_in_
     exact = [[sum(a * b for a, b in zip(lf[n], rf[n]))] for n in range(len(spots))]
     picked = torch.stack([merged[i, j] for i, j in spots]).reshape(-1, 1)
     assert _ulp_errors(picked, exact).max() <= 1.0
-    if dtype == torch.bfloat16:  # float64's own bound is too tight to flag all of them; the result holds anyway
+    if (
+        dtype == torch.bfloat16
+    ):  # float64's own bound is too tight to flag all of them; the result holds anyway
         assert set(spots) <= set(repaired)
     assert len(repaired) < weight.numel() // 100  # only a few
     reference = weight.double() + left @ right  # float64 is close enough away from the spots
@@ -224,7 +238,9 @@ def test_a_sum_just_below_the_overflow_threshold_rounds_to_the_largest_value(tin
     the sum rounds up to 65520, and torch's float64 -> float16 conversion rounds twice; neither may give inf or
     an error."""
     vera_A = torch.tensor([[16 - 2.0**-20], [0.5]])
-    lambda_d = torch.tensor([1.0, 1e-39 if tiny_lambda else 0.0])  # a tiny lambda makes the fold run in float64
+    lambda_d = torch.tensor(
+        [1.0, 1e-39 if tiny_lambda else 0.0]
+    )  # a tiny lambda makes the fold run in float64
     delta = VeraDelta(torch.ones(1), lambda_d, vera_A, torch.ones(1, 2), 1, 1)
     assert delta.fits_float32() is not tiny_lambda
     merged = fold(torch.tensor([[65504.0]], dtype=torch.float16), [delta])
@@ -233,7 +249,9 @@ def test_a_sum_just_below_the_overflow_threshold_rounds_to_the_largest_value(tin
 
 def test_a_sum_closer_to_the_overflow_threshold_than_float64_resolves_is_decided_exactly() -> None:
     """65504 + 16 - 2**-60 rounds to 65520 in float64, and so to inf; exactly it is below the threshold: 65504."""
-    delta = VeraDelta(torch.ones(1), torch.ones(2), torch.tensor([[16.0], [-(2.0**-60)]]), torch.ones(1, 2), 1, 1)
+    delta = VeraDelta(
+        torch.ones(1), torch.ones(2), torch.tensor([[16.0], [-(2.0**-60)]]), torch.ones(1, 2), 1, 1
+    )
     assert fold(torch.tensor([[65504.0]], dtype=torch.float16), [delta]).item() == 65504.0
 
 
@@ -292,7 +310,10 @@ def test_a_nan_weight_does_not_hide_its_rows_cancelling_elements() -> None:
         weight[i, j] = 0.0
     merged = fold(weight, [delta])
     assert merged[:, 0].isnan().all()
-    exact = [[sum(Fraction(a) * Fraction(b) for a, b in zip(left[i].tolist(), right[:, j].tolist()))] for i, j in spots]
+    exact = [
+        [sum(Fraction(a) * Fraction(b) for a, b in zip(left[i].tolist(), right[:, j].tolist()))]
+        for i, j in spots
+    ]
     picked = torch.stack([merged[i, j] for i, j in spots]).reshape(-1, 1)
     assert _ulp_errors(picked, exact).max() <= 1.0
 
@@ -303,8 +324,12 @@ def test_narrow_rounds_float64_once() -> None:
     halves = torch.randn(20000, generator=g, dtype=torch.float64).to(torch.float16).double()
     spacing = ulp(halves.to(torch.float16), torch.float16)
     values = halves + spacing / 2 + torch.randint(-3, 4, halves.shape, generator=g) * 2.0**-40 * spacing
-    values = torch.cat([values, torch.tensor([65519.999999, 65520.0, -65519.9999, 1e300, float("inf"), 0.0, -0.0])])
+    values = torch.cat(
+        [values, torch.tensor([65519.999999, 65520.0, -65519.9999, 1e300, float("inf"), 0.0, -0.0])]
+    )
     with np.errstate(over="ignore"):  # 1e300 -> inf, as intended
         expected = torch.from_numpy(values.numpy().astype(np.float16))
     assert torch.equal(narrow(values, torch.float16).view(torch.int16), expected.view(torch.int16))
-    assert not torch.equal(values.to(torch.float16).view(torch.int16), expected.view(torch.int16))  # torch's own
+    assert not torch.equal(
+        values.to(torch.float16).view(torch.int16), expected.view(torch.int16)
+    )  # torch's own

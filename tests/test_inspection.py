@@ -7,14 +7,16 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from vera_export import Rounding, generate_projections, inspect
-
 from tests.helpers import adapter_dir, base_dir
+from vera_export import Rounding, generate_projections, inspect
 
 
 @pytest.mark.parametrize(
     "name, expected",
-    [("llama-qv", "fma rounding"), ("llama-fp16-qv", "fma rounding, rounded to float16 as on a 16-bit model")],
+    [
+        ("llama-qv", "fma rounding"),
+        ("llama-fp16-qv", "fma rounding, rounded to float16 as on a 16-bit model"),
+    ],
 )
 def test_stored_projections_are_matched_to_their_key(fixture_root, name: str, expected: str) -> None:
     report = inspect(adapter_dir(fixture_root, name))
@@ -27,8 +29,13 @@ def test_projections_from_an_old_cpu_and_tampered_ones(fixture_root, tmp_path) -
     shutil.copytree(adapter_dir(fixture_root, "llama-qv"), adapter)
     tensors = load_file(adapter / "adapter_model.safetensors")
     r, max_in = tensors["base_model.vera_A"].shape
-    vera_A, vera_B = generate_projections(0, r, max_in, tensors["base_model.vera_B"].shape[0], Rounding.SEPARATE)
-    save_file({**tensors, "base_model.vera_A": vera_A, "base_model.vera_B": vera_B}, adapter / "adapter_model.safetensors")
+    vera_A, vera_B = generate_projections(
+        0, r, max_in, tensors["base_model.vera_B"].shape[0], Rounding.SEPARATE
+    )
+    save_file(
+        {**tensors, "base_model.vera_A": vera_A, "base_model.vera_B": vera_B},
+        adapter / "adapter_model.safetensors",
+    )
     assert inspect(adapter).projections["regenerated_as"] == "separate rounding"
 
     save_file({**tensors, "base_model.vera_A": vera_A * 1.5}, adapter / "adapter_model.safetensors")
@@ -62,7 +69,9 @@ def test_size_of_a_pickled_adapter_and_conflicts_merge_would_refuse(fixture_root
     tensors = load_file(both / "adapter_model.safetensors")
     base = base_dir(fixture_root, "llama-qv")
     name = "model.layers.0.self_attn.q_proj"
-    tensors[f"base_model.model.{name}.base_layer.weight"] = load_file(base / "model.safetensors")[f"{name}.weight"]
+    tensors[f"base_model.model.{name}.base_layer.weight"] = load_file(base / "model.safetensors")[
+        f"{name}.weight"
+    ]
     save_file(tensors, both / "adapter_model.safetensors")
     report = inspect(both, base=base)
     assert not report.compatible and any("both adapted and replaced" in p for p in report.problems)

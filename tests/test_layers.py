@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import ALL_ADAPTERS, adapter_dir, base_dir, load_base, load_peft, outputs, sample_inputs
 from vera_export import apply_vera, merge_into, unmerge_from
 from vera_export.layers import VeraLinear
-
-from tests.helpers import ALL_ADAPTERS, adapter_dir, base_dir, load_base, load_peft, outputs, sample_inputs
 
 
 @pytest.mark.parametrize("name", ALL_ADAPTERS)
@@ -63,7 +62,11 @@ def test_unmerge_from_restores_the_base(fixture_root, name: str) -> None:
         after = model.state_dict()[key]
         if "bias" in key and not torch.equal(after, before):
             continue  # trained biases were replaced by the merge; unmerge cannot bring them back
-        bound = ulp(merged_state[key], before.dtype) + ulp(before, before.dtype) if before.is_floating_point() else 0
+        bound = (
+            ulp(merged_state[key], before.dtype) + ulp(before, before.dtype)
+            if before.is_floating_point()
+            else 0
+        )
         assert ((after.double() - before.double()).abs() <= bound).all(), key
         changed += not torch.equal(merged_state[key], before)
     assert changed > 0

@@ -108,11 +108,20 @@ def test_config_is_plain_lora_with_scaling_one(fixture_root, tmp_path, name: str
     assert lora["peft_type"] == "LORA" and lora["r"] == lora["lora_alpha"] == vera["r"]
     assert lora["use_rslora"] is False and lora["use_dora"] is False
     assert lora["bias"] == {"none": "none", "all": "all", "vera_only": "lora_only"}[vera["bias"]]
-    for field in ("target_modules", "fan_in_fan_out", "layers_to_transform", "layers_pattern", "modules_to_save",
-                  "task_type", "base_model_name_or_path"):
+    for field in (
+        "target_modules",
+        "fan_in_fan_out",
+        "layers_to_transform",
+        "layers_pattern",
+        "modules_to_save",
+        "task_type",
+        "base_model_name_or_path",
+    ):
         assert lora[field] == vera[field], field
     model = _load_lora(base, tmp_path / "lora")
-    scalings = [m.scaling["default"] for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "scaling")]
+    scalings = [
+        m.scaling["default"] for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "scaling")
+    ]
     assert len(scalings) == len(load_adapter(adapter).layers) and set(scalings) == {1.0}
 
 
@@ -122,12 +131,16 @@ def test_a_regex_target_drops_the_layer_filters_peft_lora_refuses_next_to_it(fix
     base, adapter = base_dir(fixture_root, name), tmp_path / "vera"
     shutil.copytree(adapter_dir(fixture_root, name), adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
-    (adapter / "adapter_config.json").write_text(json.dumps({**config, "layers_to_transform": [1], "layers_pattern": "layers"}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({**config, "layers_to_transform": [1], "layers_pattern": "layers"})
+    )
     to_lora(base, adapter, tmp_path / "lora")
     lora = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert lora["target_modules"] == config["target_modules"] and "layers_to_transform" not in lora
     model = _load_lora(base, tmp_path / "lora")
-    assert sum(1 for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "scaling")) == len(load_adapter(adapter).layers)
+    assert sum(1 for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "scaling")) == len(
+        load_adapter(adapter).layers
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -139,7 +152,9 @@ def test_factors_equal_the_vera_delta_up_to_one_rounding(fixture_root, tmp_path,
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
     report = to_lora(base, adapter, tmp_path / "lora", dtype=dtype)
     u = torch.finfo(dtype).eps / 2
-    floor = torch.finfo(dtype).tiny * u  # half the subnormal spacing: float16's small elements round absolutely
+    floor = (
+        torch.finfo(dtype).tiny * u
+    )  # half the subnormal spacing: float16's small elements round absolutely
     deltas = _exact_deltas(base, adapter)
     for layer in report.layers:
         delta, d = deltas[layer.module]
@@ -151,7 +166,9 @@ def test_factors_equal_the_vera_delta_up_to_one_rounding(fixture_root, tmp_path,
         powers = scaled_A[:, :1] / exact_A[:, :1]
         assert torch.equal(scaled_A, exact_A * powers) and torch.equal(powers.log2().round().exp2(), powers)
         lora_A, lora_B = (f.double() for f in _factors(tmp_path / "lora", layer.module))
-        assert torch.equal(lora_A, scaled_A.to(dtype).double()) and torch.equal(lora_B, scaled_B.to(dtype).double())
+        assert torch.equal(lora_A, scaled_A.to(dtype).double()) and torch.equal(
+            lora_B, scaled_B.to(dtype).double()
+        )
 
         error_B = torch.maximum(u * scaled_B.abs(), torch.tensor(floor, dtype=torch.float64))
         error_A = torch.maximum(u * scaled_A.abs(), torch.tensor(floor, dtype=torch.float64))
@@ -159,7 +176,11 @@ def test_factors_equal_the_vera_delta_up_to_one_rounding(fixture_root, tmp_path,
             error_A = torch.zeros_like(error_A)
         # 2**-52 relative on top: lora_B's float64 value and the float64 reference product round too.
         magnitude = scaled_B.abs() @ scaled_A.abs()
-        bound = error_B @ (scaled_A.abs() + error_A) + scaled_B.abs() @ error_A + (exact_A.shape[0] + 2) * 2.0**-52 * magnitude
+        bound = (
+            error_B @ (scaled_A.abs() + error_A)
+            + scaled_B.abs() @ error_A
+            + (exact_A.shape[0] + 2) * 2.0**-52 * magnitude
+        )
         assert ((lora_B @ lora_A - delta).abs() <= bound).all(), layer.module
         if dtype == torch.float32:
             assert torch.equal(lora_A, scaled_A)  # float32 holds the projection: only lora_B is rounded
@@ -185,7 +206,9 @@ def test_one_factor_rounding_beats_rounding_both(fixture_root) -> None:
     assert max(ours) < 2.0**-24 and torch.stack(ours).mean() < 0.85 * torch.stack(peft_split).mean()
 
 
-@pytest.mark.parametrize("name, rank", [("llama-qv", 4), ("gpt2-attn", 3), ("bert-cls", 2), ("llama-bf16-all", 7)])
+@pytest.mark.parametrize(
+    "name, rank", [("llama-qv", 4), ("gpt2-attn", 3), ("bert-cls", 2), ("llama-bf16-all", 7)]
+)
 def test_rank_k_is_the_optimal_truncation(fixture_root, tmp_path, name: str, rank: int) -> None:
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
     report = to_lora(base, adapter, tmp_path / "lora", rank=rank)
@@ -281,7 +304,9 @@ def test_balance_is_exact_and_keeps_float16_factors_in_range() -> None:
         lambda_b = torch.randn(48, generator=generator) * scale
         lora_A, lora_B = exact_lora_factors(lambda_b, lambda_d, vera_A, vera_B, 32, 48)
         balanced_A, balanced_B = balance(lora_A, lora_B)
-        assert torch.equal(balanced_B @ balanced_A, lora_B @ lora_A)  # powers of two: the same float64 product
+        assert torch.equal(
+            balanced_B @ balanced_A, lora_B @ lora_A
+        )  # powers of two: the same float64 product
         ratio = balanced_B.abs().amax(dim=0) / balanced_A.abs().amax(dim=1)
         assert ((ratio > 0.25) & (ratio < 4)).all()
         exact = lora_B @ lora_A

@@ -12,12 +12,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tests.helpers import (
+    MERGEABLE_ADAPTERS,
+    TIED_COPIES,
+    adapter_dir,
+    base_dir,
+    load_base,
+    load_peft,
+    outputs,
+    sample_inputs,
+)
 from vera_export import IncompatibleAdapterError, MergeOptions, load_adapter, merge, merge_into, unmerge
 from vera_export.plan import build_plan
 from vera_export.safetensors_io import ShardedTensorIndex
 from vera_export.verification import ulp
-
-from tests.helpers import MERGEABLE_ADAPTERS, TIED_COPIES, adapter_dir, base_dir, load_base, load_peft, outputs, sample_inputs
 
 QUIET = MergeOptions(progress=False)
 
@@ -57,14 +65,19 @@ def test_merge_layout_and_one_ulp_rule(fixture_root, tmp_path, name: str) -> Non
         with safe_open(out / shard.name, "pt") as f:
             assert f.metadata()["format"] == "pt"
     if base_index.is_sharded:
-        assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"] == base_index.weight_map
+        assert (
+            json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+            == base_index.weight_map
+        )
     assert {p.name for p in base.iterdir()} == {p.name for p in out.iterdir()}
 
     loaded = load_adapter(adapter)
     plan = build_plan([loaded], base_index.tensors)
     before, after = _tensors(base), _tensors(out)
     exact = _exact_merged(before, plan)
-    assert sorted(report.folded) == sorted(plan.deltas) and sorted(report.replaced) == sorted(plan.replacements)
+    assert sorted(report.folded) == sorted(plan.deltas) and sorted(report.replaced) == sorted(
+        plan.replacements
+    )
     for key, value in after.items():
         if key in exact:
             error = (value.double() - exact[key]).abs()
@@ -87,7 +100,9 @@ def test_merged_checkpoint_reproduces_peft(fixture_root, tmp_path, name: str) ->
     dtype = next(merged.parameters()).dtype
     tolerance = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
     expected = outputs(peft_model, inputs)
-    torch.testing.assert_close(outputs(merged, inputs).float(), expected.float(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(
+        outputs(merged, inputs).float(), expected.float(), rtol=tolerance, atol=tolerance
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_merged = peft_model.merge_and_unload()
@@ -156,7 +171,10 @@ def test_near_cancellation_ours_within_one_ulp_peft_thousands(fixture_root) -> N
     lf = [[Fraction(v) for v in row] for row in left.tolist()]
     rf = [[Fraction(v) for v in row] for row in right.T.tolist()]
     exact = torch.tensor(
-        [float(Fraction(float(base_weight[i, j])) + sum(a * b for a, b in zip(lf[i], rf[j]))) for i, j in zip(rows.tolist(), cols.tolist())],
+        [
+            float(Fraction(float(base_weight[i, j])) + sum(a * b for a, b in zip(lf[i], rf[j])))
+            for i, j in zip(rows.tolist(), cols.tolist())
+        ],
         dtype=torch.float64,
     )
     spacing = ulp(exact, torch.float32)
@@ -180,7 +198,9 @@ def test_merge_on_gpu_keeps_the_one_ulp_rule(fixture_root, tmp_path, name: str) 
 def test_an_adapter_saved_in_float64_loads_as_peft_loads_it(fixture_root, tmp_path) -> None:
     """PEFT keeps lambdas and projections in float32: float64 values load rounded, and fold as such."""
     source = adapter_dir(fixture_root, "llama-qv")
-    tensors = {k: v.double() * (1 + 2.0**-30) for k, v in load_file(source / "adapter_model.safetensors").items()}
+    tensors = {
+        k: v.double() * (1 + 2.0**-30) for k, v in load_file(source / "adapter_model.safetensors").items()
+    }
     wide = tmp_path / "float64"
     wide.mkdir()
     shutil.copy(source / "adapter_config.json", wide)
@@ -201,10 +221,15 @@ def test_weights_other_than_the_checkpoints_own_are_not_copied_and_named(fixture
     (base / "extra").mkdir()
     shutil.copy(base / "model.safetensors", base / "extra" / "model.safetensors")
     (base / "extra" / "notes.txt").write_text("kept")
-    report = merge(base, [adapter_dir(fixture_root, "llama-qv")], tmp_path / "out", MergeOptions(progress=False))
+    report = merge(
+        base, [adapter_dir(fixture_root, "llama-qv")], tmp_path / "out", MergeOptions(progress=False)
+    )
     (warning,) = [w for w in report.warnings if "not copied" in w]
     assert "pytorch_model.bin" in warning and "extra/model.safetensors" in warning
-    assert not (tmp_path / "out" / "pytorch_model.bin").exists() and not (tmp_path / "out" / "extra" / "model.safetensors").exists()
+    assert (
+        not (tmp_path / "out" / "pytorch_model.bin").exists()
+        and not (tmp_path / "out" / "extra" / "model.safetensors").exists()
+    )
     assert (tmp_path / "out" / "extra" / "notes.txt").read_text() == "kept"
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
@@ -218,16 +243,23 @@ def test_shards_in_subdirectories_keep_their_paths(fixture_root, tmp_path) -> No
     for folder in ("a", "b"):
         (base / folder).mkdir(parents=True)
     shutil.copy(source / "config.json", base)
-    halves = {"a/model.safetensors": names[: len(names) // 2], "b/model.safetensors": names[len(names) // 2 :]}
+    halves = {
+        "a/model.safetensors": names[: len(names) // 2],
+        "b/model.safetensors": names[len(names) // 2 :],
+    }
     for shard, keys in halves.items():
         save_file({k: tensors[k] for k in keys}, base / shard, {"format": "pt"})
     weight_map = {k: shard for shard, keys in halves.items() for k in keys}
     (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    report = merge(base, [adapter_dir(fixture_root, "llama-qv")], tmp_path / "out", MergeOptions(progress=False))
+    report = merge(
+        base, [adapter_dir(fixture_root, "llama-qv")], tmp_path / "out", MergeOptions(progress=False)
+    )
     assert report.folded and not report.warnings
     merged = ShardedTensorIndex.from_dir(tmp_path / "out")
     assert merged.weight_map == weight_map
-    expected = merge(source, [adapter_dir(fixture_root, "llama-qv")], tmp_path / "flat", MergeOptions(progress=False))
+    expected = merge(
+        source, [adapter_dir(fixture_root, "llama-qv")], tmp_path / "flat", MergeOptions(progress=False)
+    )
     flat = load_file(tmp_path / "flat" / "model.safetensors")
     for shard, keys in halves.items():
         got = load_file(tmp_path / "out" / shard)

@@ -19,14 +19,21 @@ import pytest
 import torch
 
 from fixtures.build import ADAPTERS, randomize_trainables
+from tests.helpers import adapter_dir, base_dir, load_base, load_peft
 from vera_export import AdapterError, CheckpointError, IncompatibleAdapterError, OutputError
-from vera_export.ort_adapter import MANIFEST_NAME, VERA_A, VERA_B, Manifest, lambda_input, onnx_adapter, tensor_input
 from vera_export.onnx_export import OnnxOptions, OnnxReport, _resolve, resolve_task, session, verify_onnx
 from vera_export.onnx_export import onnx as export_onnx
+from vera_export.ort_adapter import (
+    MANIFEST_NAME,
+    VERA_A,
+    VERA_B,
+    Manifest,
+    lambda_input,
+    onnx_adapter,
+    tensor_input,
+)
 from vera_export.projections import Rounding, generate_projections
 from vera_export.safetensors_io import ShardedTensorIndex
-
-from tests.helpers import adapter_dir, base_dir, load_base, load_peft
 
 # Float32 graph against PEFT's float32 model: the two round differently, by a few float32 roundoffs of outputs of
 # magnitude about 1 (3e-7 at most here). The adapters move the outputs by more than 1e-2 (checked below).
@@ -79,7 +86,9 @@ class Exports:
             spec = SPECS[key]
             base = base_dir(self.root, spec.fixture)
             adapters = [adapter_dir(self.root, a) for a in spec.adapters]
-            options = OnnxOptions(mode=spec.mode, task=spec.task, external_data=spec.external_data, opset=spec.opset)
+            options = OnnxOptions(
+                mode=spec.mode, task=spec.task, external_data=spec.external_data, opset=spec.opset
+            )
             report = export_onnx(base, adapters, self.out / key, options)
             self.done[key] = Export(spec, base, adapters, self.out / key, report)
         return self.done[key]
@@ -253,17 +262,31 @@ def test_adapter_file_holds_only_trained_tensors(exports, siblings, tmp_path) ->
 @pytest.mark.parametrize(
     ("fixture", "changes", "fragments"),
     [
-        pytest.param("llama-qkv-b", None, ["adapted layers of the adapter that the graph does not have",
-                                           "model.layers.0.self_attn.k_proj"], id="more layers"),
+        pytest.param(
+            "llama-qkv-b",
+            None,
+            ["adapted layers of the adapter that the graph does not have", "model.layers.0.self_attn.k_proj"],
+            id="more layers",
+        ),
         pytest.param("llama-all-noproj", None, ["r is 16, the graph's is 8"], id="other r"),
-        pytest.param("llama-qv", {"projection_prng_key": 7, "save_projection": False},
-                     ["regenerated from projection_prng_key 7", "differ from the graph's"], id="other key"),
-        pytest.param("llama-qv", {"target_modules": ["q_proj"]},
-                     ["adapted layers of the graph missing from the adapter", "v_proj"], id="fewer layers"),
+        pytest.param(
+            "llama-qv",
+            {"projection_prng_key": 7, "save_projection": False},
+            ["regenerated from projection_prng_key 7", "differ from the graph's"],
+            id="other key",
+        ),
+        pytest.param(
+            "llama-qv",
+            {"target_modules": ["q_proj"]},
+            ["adapted layers of the graph missing from the adapter", "v_proj"],
+            id="fewer layers",
+        ),
         pytest.param("gpt2-attn", None, ["has no 2-D weight in the base"], id="other base"),
     ],
 )
-def test_adapter_file_refuses_a_mismatched_adapter(exports, siblings, tmp_path, fixture, changes, fragments) -> None:
+def test_adapter_file_refuses_a_mismatched_adapter(
+    exports, siblings, tmp_path, fixture, changes, fragments
+) -> None:
     export = exports["llama-adapter"]
     adapter = adapter_dir(exports.root, fixture) if changes is None else siblings(fixture, **changes)
     with pytest.raises(IncompatibleAdapterError) as error:
@@ -273,7 +296,9 @@ def test_adapter_file_refuses_a_mismatched_adapter(exports, siblings, tmp_path, 
     assert not (tmp_path / "x.onnx_adapter").exists()
 
 
-def test_adapter_file_refuses_missing_tensors_merged_graphs_and_existing_files(exports, siblings, tmp_path) -> None:
+def test_adapter_file_refuses_missing_tensors_merged_graphs_and_existing_files(
+    exports, siblings, tmp_path
+) -> None:
     # Without trained biases, the graph's biases would silently keep the exported adapter's values.
     no_biases = siblings("bert-cls", bias="none")
     missing = "trained tensors of the graph missing from the adapter .*query.bias"

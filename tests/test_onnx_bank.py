@@ -25,9 +25,20 @@ import transformers
 from torch import nn
 
 from fixtures.build import ADAPTERS, randomize_trainables
+from tests.helpers import adapter_dir, base_dir, load_base, load_peft
 from vera_export import AdapterError, CheckpointError, IncompatibleAdapterError
 from vera_export.bank import RowSelectedLayerNorm, RowSelectedLinear, RowSelection, VeraBankLinear
 from vera_export.layers import VeraLinear
+from vera_export.onnx_export import (
+    _ORT_ERRORS,
+    ADAPTER_INDEX,
+    INDEX_GUARD,
+    OnnxOptions,
+    OnnxReport,
+    session,
+    verify_onnx,
+)
+from vera_export.onnx_export import onnx as export_onnx
 from vera_export.ort_adapter import (
     ADAPTERS_AXIS,
     MANIFEST_NAME,
@@ -38,11 +49,6 @@ from vera_export.ort_adapter import (
     onnx_adapter,
     tensor_input,
 )
-from vera_export.onnx_export import _ORT_ERRORS, ADAPTER_INDEX, INDEX_GUARD, OnnxOptions, OnnxReport, session
-from vera_export.onnx_export import verify_onnx
-from vera_export.onnx_export import onnx as export_onnx
-
-from tests.helpers import adapter_dir, base_dir, load_base, load_peft
 
 # As in test_onnx: ONNX Runtime's float32 graph against PEFT's float32 model differ by a few float32 roundoffs of
 # outputs of magnitude about 1. Each adapter moves the outputs by more than 1e-2 from every other (checked below).
@@ -138,8 +144,13 @@ def _batches(vocab_size: int, shapes=BATCHES) -> list[dict[str, np.ndarray]]:
         input_ids = torch.randint(0, vocab_size, (rows, length), generator=generator)
         attention_mask = torch.ones_like(input_ids)
         attention_mask[0, : length // 3] = 0
-        batches.append({"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(),
-                        ADAPTER_INDEX: np.array(index, dtype=np.int64)})
+        batches.append(
+            {
+                "input_ids": input_ids.numpy(),
+                "attention_mask": attention_mask.numpy(),
+                ADAPTER_INDEX: np.array(index, dtype=np.int64),
+            }
+        )
     return batches
 
 
@@ -147,8 +158,12 @@ def _batches(vocab_size: int, shapes=BATCHES) -> list[dict[str, np.ndarray]]:
 def _peft_logits(base: Path, adapter: Path, batches) -> list[np.ndarray]:
     """PEFT's unmerged model of one adapter on every row of `batches`."""
     model = load_peft(base, [adapter])
-    return [model(input_ids=torch.from_numpy(b["input_ids"]), attention_mask=torch.from_numpy(b["attention_mask"]))
-            .logits.numpy() for b in batches]
+    return [
+        model(
+            input_ids=torch.from_numpy(b["input_ids"]), attention_mask=torch.from_numpy(b["attention_mask"])
+        ).logits.numpy()
+        for b in batches
+    ]
 
 
 def _kept(output: np.ndarray, batch, row: int) -> np.ndarray:
@@ -167,7 +182,9 @@ def _assert_rows_match(got, batches, adapters: list[Path], base: Path) -> None:
             torch.testing.assert_close(torch.from_numpy(_kept(g, batch, row)), want, atol=ATOL, rtol=RTOL)
             # The check can fail: the row is far from what any other adapter computes for it.
             others = [j for j in range(len(adapters)) if j != k]
-            assert all(np.abs(_kept(g, batch, row) - _kept(by_adapter[j], batch, row)).max() > APART for j in others)
+            assert all(
+                np.abs(_kept(g, batch, row) - _kept(by_adapter[j], batch, row)).max() > APART for j in others
+            )
 
 
 def _vocab_size(bank: BankExport) -> int:
@@ -199,7 +216,10 @@ def test_export_verified_every_row(banks, key: str) -> None:
     verification = banks[key].report.verification
     assert verification is not None and verification.passed, [c.line() for c in verification.checks]
     outputs = [c for c in verification.checks if c.name.startswith("onnx ")]
-    assert [c.name.partition(", ")[2] for c in outputs] == ["rows run adapters [2, 1, 0]", "rows run adapters [0]"]
+    assert [c.name.partition(", ")[2] for c in outputs] == [
+        "rows run adapters [2, 1, 0]",
+        "rows run adapters [0]",
+    ]
     assert all(c.max_abs_error <= c.tolerance < 1e-5 for c in outputs)
 
 
@@ -247,8 +267,11 @@ def test_union_of_layers_has_zero_lambdas_where_an_adapter_adapts_none(banks) ->
     ("key", "members"),
     [
         # Five adapters for a bank exported with three: the tables' leading axis is dynamic.
-        pytest.param("llama", [("llama-qv", 201), ("llama-qkv-b", 0), ("llama-qv", 202), ("llama-qv", 0),
-                               ("llama-qv", 203)], id="llama, 5 adapters"),
+        pytest.param(
+            "llama",
+            [("llama-qv", 201), ("llama-qkv-b", 0), ("llama-qv", 202), ("llama-qv", 0), ("llama-qv", 203)],
+            id="llama, 5 adapters",
+        ),
         # Two for three, with trained biases and heads.
         pytest.param("bert", [("bert-cls", 201), ("bert-cls", 0)], id="bert, 2 adapters"),
     ],
@@ -260,7 +283,7 @@ def test_adapter_file_replaces_the_bank(banks, siblings, tmp_path, key: str, mem
     parameters = ort.AdapterFormat.read_adapter(str(report.output)).get_parameters()
     assert set(parameters) == set(Manifest.read(bank.directory).overridable)
     n = len(adapters)
-    index = list(range(n))[::-1] + [0]
+    index = [*range(n - 1, -1, -1), 0]
     batches = _batches(_vocab_size(bank), [((n + 1, 7), index), ((1, 5), [n - 1])])
     run_options, _keep = _lora(report.output)
     _assert_rows_match(_run(bank, batches, run_options), batches, adapters, bank.base)
@@ -291,9 +314,11 @@ def test_onnx_runtime_gather_alone_would_read_negative_indices_from_the_end() ->
     helper = onnx.helper
     table = onnx.numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(3, 2), "table")
     graph = helper.make_graph(
-        [helper.make_node("Gather", ["table", "index"], ["rows"])], "gather",
+        [helper.make_node("Gather", ["table", "index"], ["rows"])],
+        "gather",
         [helper.make_tensor_value_info("index", onnx.TensorProto.INT64, ["batch"])],
-        [helper.make_tensor_value_info("rows", onnx.TensorProto.FLOAT, ["batch", 2])], [table],
+        [helper.make_tensor_value_info("rows", onnx.TensorProto.FLOAT, ["batch", 2])],
+        [table],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     options = ort.SessionOptions()
@@ -329,13 +354,19 @@ def test_refuses_adapters_that_cannot_share_a_bank(fixture_root, siblings, tmp_p
 
     bert, bert_cls = base_dir(fixture_root, "bert-cls"), adapter_dir(fixture_root, "bert-cls")
     no_biases = siblings("bert-cls", 302, bias="none")
-    with pytest.raises(IncompatibleAdapterError, match="does not train .*query.bias.* every adapter of a bank must"):
+    with pytest.raises(
+        IncompatibleAdapterError, match="does not train .*query.bias.* every adapter of a bank must"
+    ):
         export_onnx(bert, [bert_cls, no_biases], tmp_path / "b", OnnxOptions(mode="bank"))
     with pytest.raises(IncompatibleAdapterError, match="has no 2-D weight"):
-        export_onnx(base, [qv, adapter_dir(fixture_root, "gpt2-attn")], tmp_path / "c", OnnxOptions(mode="bank"))
+        export_onnx(
+            base, [qv, adapter_dir(fixture_root, "gpt2-attn")], tmp_path / "c", OnnxOptions(mode="bank")
+        )
     # A trained tensor in a module a bank cannot select per row (Llama's RMSNorm), found once the model is loaded.
     norm = siblings("llama-qv", 303, modules_to_save=["model.norm"])
-    with pytest.raises(IncompatibleAdapterError, match=r"only in .*LayerNorm.* model.norm.weight \(LlamaRMSNorm\)"):
+    with pytest.raises(
+        IncompatibleAdapterError, match=r"only in .*LayerNorm.* model.norm.weight \(LlamaRMSNorm\)"
+    ):
         export_onnx(base, [norm, norm], tmp_path / "d", OnnxOptions(mode="bank"))
     assert list(tmp_path.iterdir()) == []  # nothing partial left behind
 
@@ -349,7 +380,10 @@ def test_adapter_file_refuses_what_does_not_fit_the_bank(banks, siblings, tmp_pa
     message = str(error.value)
     assert f"{other_key}: does not fit" in message and "differ from the graph's" in message
     assert f"{more_layers}: does not fit" in message
-    assert "adapted layers of the adapter that the graph does not have: model.layers.0.self_attn.o_proj" in message
+    assert (
+        "adapted layers of the adapter that the graph does not have: model.layers.0.self_attn.o_proj"
+        in message
+    )
     assert str(bank.adapters[0]) + ":" not in message
     with pytest.raises(IncompatibleAdapterError, match="at least one adapter"):
         onnx_adapter(bank.directory, [], file)
@@ -378,14 +412,18 @@ README_EXAMPLE = _readme_example()
 def test_readme_example_runs_three_adapters_in_one_call(banks) -> None:
     bank = banks["llama"]
     scope: dict = {}
-    exec(README_EXAMPLE.replace(  # noqa: S102 (our own README text)
-        '"llama-bank/', f'"{bank.directory}/'), scope)
+    exec(
+        README_EXAMPLE.replace('"llama-bank/', f'"{bank.directory}/'),
+        scope,
+    )
     _assert_rows_match([scope["logits"]], [scope["batch"]], bank.adapters, bank.base)
 
 
 def _tables(n: int, *shape: int, seed: int) -> nn.Parameter:
     generator = torch.Generator().manual_seed(seed)
-    return nn.Parameter(torch.randn((n, *shape), generator=generator, dtype=torch.float64), requires_grad=False)
+    return nn.Parameter(
+        torch.randn((n, *shape), generator=generator, dtype=torch.float64), requires_grad=False
+    )
 
 
 def _with_row(layer: nn.Module, weight: torch.Tensor | None, bias: torch.Tensor | None) -> nn.Module:
@@ -425,7 +463,9 @@ def test_row_selected_layers_compute_each_row_with_its_tensors(kind: str, tables
         row = _with_row(layer, None if weight is None else weight[k], None if bias is None else bias[k])
         with torch.no_grad():
             torch.testing.assert_close(got[i], row(x[i : i + 1])[0], rtol=1e-12, atol=1e-12)
-            assert not torch.allclose(got[i], layer(x[i : i + 1])[0], rtol=1e-3, atol=1e-3)  # the tables matter
+            assert not torch.allclose(
+                got[i], layer(x[i : i + 1])[0], rtol=1e-3, atol=1e-3
+            )  # the tables matter
 
 
 def test_vera_bank_linear_rows_equal_vera_linear_of_their_adapter() -> None:

@@ -12,9 +12,8 @@ import pytest
 import torch
 from peft.tuners.vera.model import _kaiming_init
 
-from vera_export.projections import Rounding, TorchCPUGenerator, generate_projections
-
 from tests.helpers import ADAPTERS, adapter_dir, base_dir, load_peft
+from vera_export.projections import Rounding, TorchCPUGenerator, generate_projections
 
 SEEDS = [0, 1, 42, 1234, 2**31 - 1, 2**32 - 1, 2**32 + 5, 987654321987, 2**63 - 1]
 
@@ -24,13 +23,20 @@ def test_uniform_stream_matches_torch_generator(seed: int) -> None:
     ours = TorchCPUGenerator(seed)
     theirs = torch.Generator().manual_seed(seed)
     # Several draws from one stream, with different sizes and bounds, including empty ones.
-    for shape, low, high in [((7, 3), -1.0, 1.0), ((0,), 0.0, 1.0), ((1000,), -0.0123, 0.0123), ((33, 65), 2.5, 7.0)]:
+    for shape, low, high in [
+        ((7, 3), -1.0, 1.0),
+        ((0,), 0.0, 1.0),
+        ((1000,), -0.0123, 0.0123),
+        ((33, 65), 2.5, 7.0),
+    ]:
         expected = torch.empty(shape).uniform_(low, high, generator=theirs)
         assert torch.equal(ours.uniform(shape, low, high).view(torch.int32), expected.view(torch.int32))
 
 
 @pytest.mark.parametrize("seed", [0, 7, 2**32 + 1])
-@pytest.mark.parametrize("r, max_in, max_out", [(1, 1, 1), (4, 64, 32), (16, 96, 64), (256, 2048, 5632), (3, 5, 1000)])
+@pytest.mark.parametrize(
+    "r, max_in, max_out", [(1, 1, 1), (4, 64, 32), (16, 96, 64), (256, 2048, 5632), (3, 5, 1000)]
+)
 def test_projections_match_peft_kaiming_init(seed: int, r: int, max_in: int, max_out: int) -> None:
     generator = torch.Generator(device="cpu").manual_seed(seed)
     peft_A = _kaiming_init((r, max_in), generator=generator)
@@ -57,7 +63,9 @@ def test_separate_rounding_matches_torch_without_avx2(tmp_path) -> None:
     assert not torch.equal(fused, expected)  # the two kernels really differ, so the option matters
 
 
-@pytest.mark.parametrize("name", [n for n, spec in ADAPTERS.items() if not spec.config.get("save_projection", True)])
+@pytest.mark.parametrize(
+    "name", [n for n, spec in ADAPTERS.items() if not spec.config.get("save_projection", True)]
+)
 def test_regenerated_projections_match_peft_loading(fixture_root, name: str) -> None:
     """PEFT regenerates projections sized by the targeted layers when it loads; so do we."""
     from vera_export.adapter import load_adapter

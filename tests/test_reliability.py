@@ -21,13 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from tests.helpers import adapter_dir, base_dir, restore_sigint
 from vera_export import MergeOptions, VeraExportError, load_adapter, verify
 from vera_export.cli import main
 from vera_export.plan import build_plan
 from vera_export.safetensors_io import ShardedTensorIndex
 from vera_export.safetensors_writer import SafetensorsWriter
-
-from tests.helpers import adapter_dir, base_dir, restore_sigint
 
 ADAPTER = "llama-qv"
 
@@ -53,11 +52,23 @@ def work(fixture_root, tmp_path):
 
 def _merge(tmp_path: Path, base: Path, adapter: Path, *extra: str, output: Path | None = None):
     output = output or tmp_path / "out"
-    args = ["merge", "--base", str(base), "--adapter", str(adapter), "--output", str(output), "--quiet", *extra]
+    args = [
+        "merge",
+        "--base",
+        str(base),
+        "--adapter",
+        str(adapter),
+        "--output",
+        str(output),
+        "--quiet",
+        *extra,
+    ]
     return CliRunner().invoke(main, args, catch_exceptions=False)
 
 
-def _assert_clean_failure(result, tmp_path: Path, digest_before: str, inputs: tuple[Path, ...], *fragments: str) -> None:
+def _assert_clean_failure(
+    result, tmp_path: Path, digest_before: str, inputs: tuple[Path, ...], *fragments: str
+) -> None:
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, result.stderr
@@ -87,44 +98,72 @@ CASES = {
     "base missing": (lambda b, a: shutil.rmtree(b), ["base", "not a directory"]),
     "base without weights": (lambda b, a: (b / "model.safetensors").unlink(), ["no safetensors weights"]),
     "adapter without config": (lambda b, a: (a / "adapter_config.json").unlink(), ["adapter_config.json"]),
-    "adapter without weights": (lambda b, a: (a / "adapter_model.safetensors").unlink(), ["adapter_model.safetensors"]),
+    "adapter without weights": (
+        lambda b, a: (a / "adapter_model.safetensors").unlink(),
+        ["adapter_model.safetensors"],
+    ),
     "LoRA adapter": (lambda b, a: _config(a, peft_type="LORA"), ["'LORA'", "VERA"]),
     "IA3 adapter": (lambda b, a: _config(a, peft_type="IA3"), ["'IA3'"]),
-    "config not JSON": (lambda b, a: (a / "adapter_config.json").write_text("{r: 8,"), ["not a readable JSON"]),
-    "config a list": (lambda b, a: (a / "adapter_config.json").write_text("[1, 2]"), ["expected a JSON object"]),
+    "config not JSON": (
+        lambda b, a: (a / "adapter_config.json").write_text("{r: 8,"),
+        ["not a readable JSON"],
+    ),
+    "config a list": (
+        lambda b, a: (a / "adapter_config.json").write_text("[1, 2]"),
+        ["expected a JSON object"],
+    ),
     "r zero": (lambda b, a: _config(a, r=0), ["'r'", "positive integer"]),
     "r negative": (lambda b, a: _config(a, r=-8), ["'r'"]),
     "r a string": (lambda b, a: _config(a, r="8"), ["'r'"]),
     "r disagrees with lambdas": (lambda b, a: _config(a, r=16), ["vera_lambda_d has length 8 but r is 16"]),
     "unknown bias": (lambda b, a: _config(a, bias="lora_only"), ["'bias'", "'vera_only'"]),
     "save_projection not bool": (lambda b, a: _config(a, save_projection="yes"), ["'save_projection'"]),
-    "bad target regex": (lambda b, a: _config(a, target_modules="(q_proj"), ["'target_modules'", "regular expression"]),
+    "bad target regex": (
+        lambda b, a: _config(a, target_modules="(q_proj"),
+        ["'target_modules'", "regular expression"],
+    ),
     "target_modules wrong type": (lambda b, a: _config(a, target_modules=5), ["'target_modules'"]),
-    "layers_to_transform wrong type": (lambda b, a: _config(a, layers_to_transform="1"), ["'layers_to_transform'"]),
+    "layers_to_transform wrong type": (
+        lambda b, a: _config(a, layers_to_transform="1"),
+        ["'layers_to_transform'"],
+    ),
     "projections missing": (
-        lambda b, a: _tensors(a / "adapter_model.safetensors", lambda t: (t.pop("base_model.vera_A"), t.pop("base_model.vera_B"))),
+        lambda b, a: _tensors(
+            a / "adapter_model.safetensors",
+            lambda t: (t.pop("base_model.vera_A"), t.pop("base_model.vera_B")),
+        ),
         ["save_projection is true but base_model.vera_A"],
     ),
     "projections too small": (
-        lambda b, a: _tensors(a / "adapter_model.safetensors", lambda t: t.update({"base_model.vera_A": t["base_model.vera_A"][:, :10].clone()})),
+        lambda b, a: _tensors(
+            a / "adapter_model.safetensors",
+            lambda t: t.update({"base_model.vera_A": t["base_model.vera_A"][:, :10].clone()}),
+        ),
         ["too small"],
     ),
     "lambda_b wrong length": (
         lambda b, a: _tensors(
             a / "adapter_model.safetensors",
-            lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.vera_lambda_b": torch.ones(7)}),
+            lambda t: t.update(
+                {"base_model.model.model.layers.0.self_attn.q_proj.vera_lambda_b": torch.ones(7)}
+            ),
         ),
         ["model.layers.0.self_attn.q_proj.vera_lambda_b has length 7"],
     ),
     "NaN lambda": (
         lambda b, a: _tensors(
             a / "adapter_model.safetensors",
-            lambda t: t["base_model.model.model.layers.1.self_attn.v_proj.vera_lambda_d"].__setitem__(0, float("nan")),
+            lambda t: t["base_model.model.model.layers.1.self_attn.v_proj.vera_lambda_d"].__setitem__(
+                0, float("nan")
+            ),
         ),
         ["model.layers.1.self_attn.v_proj.lambda_d contains NaN or Inf"],
     ),
     "Inf projection": (
-        lambda b, a: _tensors(a / "adapter_model.safetensors", lambda t: t["base_model.vera_B"].__setitem__((3, 1), float("inf"))),
+        lambda b, a: _tensors(
+            a / "adapter_model.safetensors",
+            lambda t: t["base_model.vera_B"].__setitem__((3, 1), float("inf")),
+        ),
         ["vera_B contains NaN or Inf"],
     ),
     "module missing from base": (
@@ -137,13 +176,21 @@ CASES = {
         lambda b, a: _truncate(a / "adapter_model.safetensors", 100),
         ["adapter_model.safetensors", "truncated or corrupt"],
     ),
-    "base safetensors truncated": (lambda b, a: _truncate(b / "model.safetensors", 1000), ["model.safetensors", "past the end"]),
+    "base safetensors truncated": (
+        lambda b, a: _truncate(b / "model.safetensors", 1000),
+        ["model.safetensors", "past the end"],
+    ),
     "header length past the file": (lambda b, a: _header_length(b / "model.safetensors", 10**6), ["header"]),
-    "header not JSON": (lambda b, a: _rewrite_header(b / "model.safetensors", b"{not json"), ["not valid JSON"]),
+    "header not JSON": (
+        lambda b, a: _rewrite_header(b / "model.safetensors", b"{not json"),
+        ["not valid JSON"],
+    ),
     "enormous tensor declared": (
         lambda b, a: _rewrite_header(
             b / "model.safetensors",
-            json.dumps({"huge": {"dtype": "F32", "shape": [2**31, 2**31], "data_offsets": [0, 2**64 - 1]}}).encode(),
+            json.dumps(
+                {"huge": {"dtype": "F32", "shape": [2**31, 2**31], "data_offsets": [0, 2**64 - 1]}}
+            ).encode(),
         ),
         ["huge"],
     ),
@@ -198,7 +245,9 @@ def test_index_naming_a_missing_shard_or_tensor(fixture_root, tmp_path) -> None:
     index["weight_map"]["model.extra.weight"] = "model-00009-of-00009.safetensors"
     index_path.write_text(json.dumps(index))
     before = _digest(base)
-    _assert_clean_failure(_merge(tmp_path, base, adapter), tmp_path, before, (base,), "model-00009-of-00009.safetensors")
+    _assert_clean_failure(
+        _merge(tmp_path, base, adapter), tmp_path, before, (base,), "model-00009-of-00009.safetensors"
+    )
 
 
 def test_pickle_loads_only_when_allowed_and_never_runs_code(work) -> None:
@@ -234,7 +283,9 @@ def test_a_flag_that_contradicts_the_stored_layouts_is_refused(fixture_root, tmp
     _config(adapter, fan_in_fan_out=False)
     before = _digest(base, adapter)
     result = _merge(tmp_path, base, adapter)
-    _assert_clean_failure(result, tmp_path, before, (base, adapter), "stored [in, out]", "attn.c_proj", "square")
+    _assert_clean_failure(
+        result, tmp_path, before, (base, adapter), "stored [in, out]", "attn.c_proj", "square"
+    )
 
 
 def test_a_quantized_base_is_refused_before_writing(work) -> None:
@@ -244,7 +295,9 @@ def test_a_quantized_base_is_refused_before_writing(work) -> None:
     tensors[name] = tensors[name].to(torch.int8)
     save_file(tensors, base / "model.safetensors", {"format": "pt"})
     before = _digest(base, adapter)
-    _assert_clean_failure(_merge(tmp_path, base, adapter), tmp_path, before, (base, adapter), name, "torch.int8", "quantized")
+    _assert_clean_failure(
+        _merge(tmp_path, base, adapter), tmp_path, before, (base, adapter), name, "torch.int8", "quantized"
+    )
 
 
 def test_overflowing_merge_is_refused(fixture_root, tmp_path) -> None:
@@ -257,7 +310,9 @@ def test_overflowing_merge_is_refused(fixture_root, tmp_path) -> None:
     base = base_dir(fixture_root, name)
     before = _digest(base, adapter)
     result = _merge(tmp_path, base, adapter)
-    _assert_clean_failure(result, tmp_path, before, (base, adapter), "model.layers.0.mlp.down_proj.weight", "overflows")
+    _assert_clean_failure(
+        result, tmp_path, before, (base, adapter), "model.layers.0.mlp.down_proj.weight", "overflows"
+    )
 
 
 @pytest.mark.parametrize("where", ["base itself", "inside the base", "holding the adapter"])
@@ -312,7 +367,9 @@ def test_fsync_flushes_every_output_file(work, monkeypatch) -> None:
     tmp_path, base, adapter = work
     synced = []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))
+    )
     assert _merge(tmp_path, base, adapter, "--fsync").exit_code == 0
     names = {Path(path).name for path in synced}
     assert {p.name for p in base.iterdir()} <= names
@@ -325,7 +382,11 @@ def test_force_replaces_only_when_complete(work, monkeypatch) -> None:
     # A failing forced merge leaves the existing output exactly as it was.
     monkeypatch.setattr(SafetensorsWriter, "write", _fail_with(errno.ENOSPC))
     result = _merge(tmp_path, base, adapter, "--force")
-    assert result.exit_code == 2 and "No space left on device" in result.stderr and "nothing was left" in result.stderr
+    assert (
+        result.exit_code == 2
+        and "No space left on device" in result.stderr
+        and "nothing was left" in result.stderr
+    )
     assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     monkeypatch.undo()
@@ -344,7 +405,9 @@ def test_disk_full_leaves_nothing(work, monkeypatch) -> None:
     tmp_path, base, adapter = work
     monkeypatch.setattr(SafetensorsWriter, "write", _fail_with(errno.ENOSPC))
     before = _digest(base, adapter)
-    _assert_clean_failure(_merge(tmp_path, base, adapter), tmp_path, before, (base, adapter), "No space left on device")
+    _assert_clean_failure(
+        _merge(tmp_path, base, adapter), tmp_path, before, (base, adapter), "No space left on device"
+    )
 
 
 # A merge slow enough to be caught part-way: 32 float32 weights of 1024 x 1024 (128 MB), 4 shards.
@@ -360,25 +423,46 @@ def big_pair(tmp_path_factory) -> tuple[Path, Path]:
     for shard in range(4):
         file = f"model-{shard + 1:05d}-of-00004.safetensors"
         chunk = names[shard * 8 : (shard + 1) * 8]
-        with SafetensorsWriter(base / file, [(n, torch.float32, (1024, 1024)) for n in chunk], {"format": "pt"}) as w:
+        with SafetensorsWriter(
+            base / file, [(n, torch.float32, (1024, 1024)) for n in chunk], {"format": "pt"}
+        ) as w:
             for n in chunk:
                 w.write(n, torch.randn(1024, 1024, generator=generator))
                 weight_map[n] = file
     (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (base / "config.json").write_text("{}")
-    tensors = {"base_model.vera_A": torch.rand(64, 1024, generator=generator), "base_model.vera_B": torch.rand(1024, 64, generator=generator)}
+    tensors = {
+        "base_model.vera_A": torch.rand(64, 1024, generator=generator),
+        "base_model.vera_B": torch.rand(1024, 64, generator=generator),
+    }
     for n in names:
         module = n.removesuffix(".weight")
         tensors[f"base_model.model.{module}.vera_lambda_b"] = torch.randn(1024, generator=generator)
         tensors[f"base_model.model.{module}.vera_lambda_d"] = torch.randn(64, generator=generator)
     save_file(tensors, adapter / "adapter_model.safetensors")
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "VERA", "r": 64, "target_modules": ["proj"]}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "VERA", "r": 64, "target_modules": ["proj"]})
+    )
     return base, adapter
 
 
 def _start_merge(base: Path, adapter: Path, output: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "vera_export", "merge", "--base", str(base), "--adapter", str(adapter), "--output", str(output), "--quiet"]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore_sigint)
+    command = [
+        sys.executable,
+        "-m",
+        "vera_export",
+        "merge",
+        "--base",
+        str(base),
+        "--adapter",
+        str(adapter),
+        "--output",
+        str(output),
+        "--quiet",
+    ]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore_sigint
+    )
 
 
 def _wait_for_staging(output: Path, process: subprocess.Popen) -> None:
@@ -437,14 +521,19 @@ _ANY = st.one_of(
 _PLAUSIBLE = {
     "r": st.one_of(st.sampled_from([8, 16, 0, -1]), st.integers(-5, 10**12)),
     "target_modules": st.one_of(
-        st.lists(st.sampled_from(["q_proj", "v_proj", "k_proj", "mlp", "model.layers.0.self_attn.q_proj", ""]), max_size=4),
+        st.lists(
+            st.sampled_from(["q_proj", "v_proj", "k_proj", "mlp", "model.layers.0.self_attn.q_proj", ""]),
+            max_size=4,
+        ),
         st.sampled_from([".*q_proj", "(", ".*", "all-linear", r".*\.(q|v)_proj", "[z-a]"]),
     ),
     "projection_prng_key": st.integers(-(2**80), 2**80),
     "save_projection": st.booleans(),
     "fan_in_fan_out": st.booleans(),
     "bias": st.sampled_from(["none", "all", "vera_only", "lora_only", ""]),
-    "modules_to_save": st.one_of(st.none(), st.lists(st.sampled_from(["lm_head", "q_proj", "(", "score"]), max_size=3)),
+    "modules_to_save": st.one_of(
+        st.none(), st.lists(st.sampled_from(["lm_head", "q_proj", "(", "score"]), max_size=3)
+    ),
     "layers_to_transform": st.one_of(st.none(), st.integers(-2, 3), st.lists(st.integers(-2, 3), max_size=3)),
     "layers_pattern": st.one_of(st.none(), st.sampled_from(["layers", "h", "(", ["layers", "blocks"]])),
 }
@@ -469,7 +558,9 @@ def test_fuzzed_adapter_configs_end_in_our_errors(fixture_root, fuzz_adapter, da
     Each example starts from the adapter's real config and changes, drops or garbles a few fields.
     """
     config = json.loads((adapter_dir(fixture_root, ADAPTER) / "adapter_config.json").read_text())
-    for key in data.draw(st.lists(st.sampled_from(sorted(_PLAUSIBLE) + ["peft_type"]), max_size=4, unique=True)):
+    for key in data.draw(
+        st.lists(st.sampled_from([*sorted(_PLAUSIBLE), "peft_type"]), max_size=4, unique=True)
+    ):
         choice = data.draw(st.sampled_from(["plausible", "garbage", "drop"]))
         if choice == "drop":
             config.pop(key, None)

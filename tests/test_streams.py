@@ -63,10 +63,9 @@ def test_sink_consumes_in_order_and_reraises_the_consumers_error() -> None:
     def consume(item):
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
-        with BackgroundSink(consume) as sink:
-            for i in range(10):
-                sink.put(i)
+    with pytest.raises(OSError, match="disk full"), BackgroundSink(consume) as sink:
+        for i in range(10):
+            sink.put(i)
     assert not _worker_threads()
 
 

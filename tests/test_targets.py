@@ -24,7 +24,9 @@ LAYERS = [None, [1], 1, [0, 10]]
 PATTERNS = [None, "layers", ["layers", "h"], "", [], ["blocks"]]
 
 
-@pytest.mark.parametrize(("target_modules", "layers_to_transform", "layers_pattern"), itertools.product(TARGETS, LAYERS, PATTERNS))
+@pytest.mark.parametrize(
+    ("target_modules", "layers_to_transform", "layers_pattern"), itertools.product(TARGETS, LAYERS, PATTERNS)
+)
 def test_targeted_modules_are_peft_s(tmp_path, target_modules, layers_to_transform, layers_pattern) -> None:
     from peft import VeraConfig as PeftVeraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
@@ -33,7 +35,10 @@ def test_targeted_modules_are_peft_s(tmp_path, target_modules, layers_to_transfo
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             peft_config = PeftVeraConfig(
-                r=4, target_modules=target_modules, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern
+                r=4,
+                target_modules=target_modules,
+                layers_to_transform=layers_to_transform,
+                layers_pattern=layers_pattern,
             )
     except ValueError:
         pytest.skip("PEFT refuses this combination")

@@ -9,10 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.helpers import adapter_dir, base_dir, load_peft
 from vera_export import MergeOptions, merge, verify
 from vera_export.verification import ulp
-
-from tests.helpers import adapter_dir, base_dir, load_peft
 
 QUIET = MergeOptions(progress=False)
 

@@ -1,6 +1,7 @@
 """Merge, verify and export PEFT VeRA adapters without PEFT."""
 
 from .adapter import VeraAdapter, VeraConfig, load_adapter
+from .embed import EmbedReport, embed_projections
 from .errors import (
     AdapterError,
     CheckpointError,
@@ -9,7 +10,6 @@ from .errors import (
     VeraExportError,
     VeraExportWarning,
 )
-from .embed import EmbedReport, embed_projections
 from .inspection import inspect
 from .layers import VeraLinear, apply_vera, merge_into, unmerge_from
 from .lora import LoraLayer, LoraReport, to_lora

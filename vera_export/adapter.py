@@ -54,9 +54,13 @@ class VeraConfig:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise AdapterError(f"{path.parent}: no {CONFIG_NAME}; point --adapter at a PEFT adapter directory") from None
+            raise AdapterError(
+                f"{path.parent}: no {CONFIG_NAME}; point --adapter at a PEFT adapter directory"
+            ) from None
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise AdapterError(f"{path}: not a readable JSON file ({exc}); re-save the adapter with PEFT") from None
+            raise AdapterError(
+                f"{path}: not a readable JSON file ({exc}); re-save the adapter with PEFT"
+            ) from None
         if not isinstance(raw, dict):
             raise AdapterError(f"{path}: expected a JSON object, found {type(raw).__name__}")
 
@@ -75,19 +79,27 @@ class VeraConfig:
             bias=fields.choice("bias", _BIAS_CHOICES, "none"),
             modules_to_save=tuple(dict.fromkeys(fields.str_list("modules_to_save") or ())),
             layers_to_transform=fields.layers_to_transform(),
-            layers_pattern=fields.str_list("layers_pattern") if raw.get("layers_pattern") else None,  # PEFT: "", [] = none
+            layers_pattern=fields.str_list("layers_pattern")
+            if raw.get("layers_pattern")
+            else None,  # PEFT: "", [] = none
             task_type=fields.optional_str("task_type"),
             base_model_name_or_path=fields.optional_str("base_model_name_or_path"),
         )
         # PEFT matches these as regular expressions; a malformed one must fail here, not mid-merge.
-        patterns = [("target_modules", config.target_modules)] if isinstance(config.target_modules, str) else []
+        patterns = (
+            [("target_modules", config.target_modules)] if isinstance(config.target_modules, str) else []
+        )
         patterns += [("modules_to_save", rf"(^|.*\.){m}($|\..*)") for m in config.modules_to_save]
-        patterns += [("layers_pattern", rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.") for p in config.layers_pattern or ()]
+        patterns += [
+            ("layers_pattern", rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.") for p in config.layers_pattern or ()
+        ]
         for key, pattern in patterns:
             try:
                 re.compile(pattern)
             except (re.error, RecursionError, OverflowError) as exc:
-                raise AdapterError(f"{path}: field {key!r} is not a valid regular expression ({exc})") from None
+                raise AdapterError(
+                    f"{path}: field {key!r} is not a valid regular expression ({exc})"
+                ) from None
         return config
 
 
@@ -147,7 +159,9 @@ def load_adapter(path: str | Path | VeraAdapter, allow_pickle: bool = False) -> 
         return path
     path = Path(path)
     if not path.is_dir():
-        raise AdapterError(f"{path}: adapter directory does not exist; point --adapter at a PEFT adapter directory")
+        raise AdapterError(
+            f"{path}: adapter directory does not exist; point --adapter at a PEFT adapter directory"
+        )
     config = VeraConfig.from_json(path / CONFIG_NAME)
     tensors = read_adapter_tensors(path, allow_pickle)
     return _assemble(path, config, tensors)
@@ -195,7 +209,9 @@ def _assemble(path: Path, config: VeraConfig, tensors: dict[str, torch.Tensor]) 
         elif ".original_module." in key:
             continue  # PEFT's frozen copy of a modules_to_save module (saved with bias="all"): the base's own values
         else:
-            base_name = key[len(_MODEL_PREFIX) :].replace(".base_layer.", ".").replace(".modules_to_save.", ".")
+            base_name = (
+                key[len(_MODEL_PREFIX) :].replace(".base_layer.", ".").replace(".modules_to_save.", ".")
+            )
             replacements[base_name] = tensor
 
     layers: dict[str, VeraLayer] = {}
@@ -206,7 +222,9 @@ def _assemble(path: Path, config: VeraConfig, tensors: dict[str, torch.Tensor]) 
             continue
         lambda_b, lambda_d = pair["lambda_b"], pair["lambda_d"]
         if lambda_b.ndim != 1 or lambda_d.ndim != 1:
-            problems.append(f"{module}: lambdas must be vectors, found shapes {list(lambda_b.shape)} and {list(lambda_d.shape)}")
+            problems.append(
+                f"{module}: lambdas must be vectors, found shapes {list(lambda_b.shape)} and {list(lambda_d.shape)}"
+            )
         elif lambda_d.numel() != config.r:
             problems.append(f"{module}.vera_lambda_d has length {lambda_d.numel()} but r is {config.r}")
         layers[module] = VeraLayer(module, _as_float32(lambda_b), _as_float32(lambda_d))
@@ -219,11 +237,17 @@ def _assemble(path: Path, config: VeraConfig, tensors: dict[str, torch.Tensor]) 
         problems.append(f"only one of {', '.join(PROJECTION_KEYS.values())} is present")
     elif vera_A is not None:
         if vera_A.ndim != 2 or vera_A.shape[0] != config.r:
-            problems.append(f"base_model.vera_A has shape {list(vera_A.shape)}, expected [r={config.r}, max_in]")
+            problems.append(
+                f"base_model.vera_A has shape {list(vera_A.shape)}, expected [r={config.r}, max_in]"
+            )
         if vera_B.ndim != 2 or vera_B.shape[1] != config.r:
-            problems.append(f"base_model.vera_B has shape {list(vera_B.shape)}, expected [max_out, r={config.r}]")
+            problems.append(
+                f"base_model.vera_B has shape {list(vera_B.shape)}, expected [max_out, r={config.r}]"
+            )
         if not config.save_projection:
-            notes.append("save_projection is false but vera_A / vera_B are stored; using the stored projections")
+            notes.append(
+                "save_projection is false but vera_A / vera_B are stored; using the stored projections"
+            )
     elif config.save_projection:
         problems.append(
             "save_projection is true but base_model.vera_A / base_model.vera_B are missing; the checkpoint is "
@@ -231,8 +255,11 @@ def _assemble(path: Path, config: VeraConfig, tensors: dict[str, torch.Tensor]) 
             "from projection_prng_key)"
         )
 
-    for name, tensor in [*projections.items(), *((f"{m}.lambda_b", l.lambda_b) for m, l in layers.items()),
-                         *((f"{m}.lambda_d", l.lambda_d) for m, l in layers.items())]:
+    for name, tensor in [
+        *projections.items(),
+        *((f"{m}.lambda_b", layer.lambda_b) for m, layer in layers.items()),
+        *((f"{m}.lambda_d", layer.lambda_d) for m, layer in layers.items()),
+    ]:
         if not tensor.is_floating_point():
             problems.append(f"{name} has dtype {tensor.dtype}, expected a floating point dtype")
         elif not torch.isfinite(tensor).all():
@@ -315,4 +342,3 @@ class _ConfigFields:
         if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return tuple(value)
         raise self._fail("layers_to_transform", "an integer, a list of integers or null")
-

@@ -206,7 +206,9 @@ class Bank:
     warnings: list[str]
 
 
-def build_bank(adapters: Sequence[VeraAdapter], tensors: Mapping[str, TensorSpec], rounding: Rounding) -> Bank:
+def build_bank(
+    adapters: Sequence[VeraAdapter], tensors: Mapping[str, TensorSpec], rounding: Rounding
+) -> Bank:
     """Resolve each adapter against the base and check that they can share one bank.
 
     Raises:

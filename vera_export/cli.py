@@ -54,7 +54,9 @@ class _Group(click.Group):
             except (_Terminated, KeyboardInterrupt) as exc:
                 signum = exc.args[0] if isinstance(exc, _Terminated) else signal.SIGINT
                 name = signal.Signals(signum).name
-                click.echo(f"error: stopped by {name}; nothing partial was left under the output name", err=True)
+                click.echo(
+                    f"error: stopped by {name}; nothing partial was left under the output name", err=True
+                )
                 ctx.exit(128 + signum)
 
 
@@ -71,16 +73,25 @@ def _warn(lines: list[str]) -> None:
 
 _path = click.Path(path_type=Path)
 _adapters = click.option(
-    "--adapter", "adapters", multiple=True, required=True, type=_path,
+    "--adapter",
+    "adapters",
+    multiple=True,
+    required=True,
+    type=_path,
     help="PEFT VeRA adapter directory; repeat for several (folded in order, or a bank's rows in order).",
 )
 _quiet = click.option("--quiet", is_flag=True, help="No progress bar.")
 _json = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 _allow_pickle = click.option(
-    "--allow-pickle", is_flag=True, help="Read adapter_model.bin with torch.load(weights_only=True) if there is no safetensors."
+    "--allow-pickle",
+    is_flag=True,
+    help="Read adapter_model.bin with torch.load(weights_only=True) if there is no safetensors.",
 )
 _rounding = click.option(
-    "--rounding", type=click.Choice([r.value for r in Rounding]), default=Rounding.FMA.value, show_default=True,
+    "--rounding",
+    type=click.Choice([r.value for r in Rounding]),
+    default=Rounding.FMA.value,
+    show_default=True,
     help="CPU rounding to reproduce when regenerating projections: 'separate' for adapters trained on CPUs without AVX2.",
 )
 
@@ -88,8 +99,12 @@ _rounding = click.option(
 def _write_options(f):
     for option in (
         click.option("--device", default="cpu", show_default=True, help="Where the fold runs, e.g. cuda."),
-        click.option("--force", is_flag=True, help="Replace a non-empty output directory once the new one is complete."),
-        click.option("--fsync", is_flag=True, help="Wait until the output is on disk before putting it in place."),
+        click.option(
+            "--force", is_flag=True, help="Replace a non-empty output directory once the new one is complete."
+        ),
+        click.option(
+            "--fsync", is_flag=True, help="Wait until the output is on disk before putting it in place."
+        ),
         _allow_pickle,
         _rounding,
         _quiet,
@@ -115,9 +130,13 @@ def main(debug: bool) -> None:
 @click.option("--base", required=True, type=_path, help="Base model directory (config.json + safetensors).")
 @_adapters
 @click.option("--output", required=True, type=_path, help="Directory for the merged checkpoint.")
-@click.option("--verify/--no-verify", "run_verify", default=False, help="Verify the merged checkpoint afterwards.")
+@click.option(
+    "--verify/--no-verify", "run_verify", default=False, help="Verify the merged checkpoint afterwards."
+)
 @_write_options
-def merge_command(base, adapters, output, run_verify, device, force, fsync, allow_pickle, rounding, quiet, as_json):
+def merge_command(
+    base, adapters, output, run_verify, device, force, fsync, allow_pickle, rounding, quiet, as_json
+):
     """Fold VeRA adapters into a base checkpoint, correctly rounded, streaming shard by shard.
 
     \b
@@ -125,7 +144,12 @@ def merge_command(base, adapters, output, run_verify, device, force, fsync, allo
       vera-export merge --base ./llama --adapter ./my-vera --output ./llama-merged --verify
     """
     options = MergeOptions(
-        device=device, force=force, fsync=fsync, allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=not quiet
+        device=device,
+        force=force,
+        fsync=fsync,
+        allow_pickle=allow_pickle,
+        rounding=Rounding(rounding),
+        progress=not quiet,
     )
     report = merge(base, adapters, output, options)
     _warn(report.warnings)
@@ -160,14 +184,21 @@ def unmerge_command(merged, adapters, output, device, force, fsync, allow_pickle
       vera-export unmerge --merged ./llama-merged --adapter ./my-vera --output ./llama-restored
     """
     options = MergeOptions(
-        device=device, force=force, fsync=fsync, allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=not quiet
+        device=device,
+        force=force,
+        fsync=fsync,
+        allow_pickle=allow_pickle,
+        rounding=Rounding(rounding),
+        progress=not quiet,
     )
     report = unmerge(merged, adapters, output, options)
     _warn(report.warnings)
     if as_json:
         click.echo(json.dumps({"unmerge": report.to_json()}, indent=2))
     else:
-        click.echo(f"unmerged {len(report.adapters)} adapter(s) into {output}: {len(report.folded)} weights restored ({report.seconds:.1f} s)")
+        click.echo(
+            f"unmerged {len(report.adapters)} adapter(s) into {output}: {len(report.folded)} weights restored ({report.seconds:.1f} s)"
+        )
 
 
 @main.command("inspect")
@@ -194,9 +225,12 @@ def inspect_command(adapter, base, allow_pickle, as_json):
 @click.option("--base", required=True, type=_path, help="Base model directory.")
 @_adapters
 @click.option("--merged", type=_path, help="Merged model directory to check.")
-@click.option("--onnx", "onnx_dir", type=_path, help="Directory written by `vera-export onnx` to check instead.")
 @click.option(
-    "--full-model/--layers-only", default=None,
+    "--onnx", "onnx_dir", type=_path, help="Directory written by `vera-export onnx` to check instead."
+)
+@click.option(
+    "--full-model/--layers-only",
+    default=None,
     help="Compare whole-model outputs too (default: when two copies fit in memory). --merged only.",
 )
 @_allow_pickle
@@ -233,34 +267,64 @@ def verify_command(base, adapters, merged, onnx_dir, full_model, allow_pickle, r
 @main.command("onnx")
 @click.option("--base", required=True, type=_path, help="Base model directory (config.json + safetensors).")
 @_adapters
-@click.option("--output", required=True, type=_path, help="Directory for model.onnx, vera_export.json and the config.")
 @click.option(
-    "--mode", type=click.Choice(MODES), default="merged", show_default=True,
+    "--output", required=True, type=_path, help="Directory for model.onnx, vera_export.json and the config."
+)
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default="merged",
+    show_default=True,
     help="merged: adapters folded into the weights; adapter: one adapter kept as swappable graph inputs; "
     "bank: every adapter in one graph, chosen per batch row by the adapter_index input.",
 )
 @click.option(
-    "--task", type=click.Choice(["auto", *TASKS]), default="auto", show_default=True,
+    "--task",
+    type=click.Choice(["auto", *TASKS]),
+    default="auto",
+    show_default=True,
     help="What the graph returns; auto reads config.json's architecture.",
 )
 @click.option(
-    "--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=MIN_OPSET, show_default=True, help="ONNX opset."
+    "--opset",
+    type=click.IntRange(MIN_OPSET, MAX_OPSET),
+    default=MIN_OPSET,
+    show_default=True,
+    help="ONNX opset.",
 )
 @click.option(
-    "--verify/--no-verify", "run_verify", default=True, show_default=True,
+    "--verify/--no-verify",
+    "run_verify",
+    default=True,
+    show_default=True,
     help="Compare the graph in ONNX Runtime with the unmerged model in PyTorch.",
 )
 @click.option(
-    "--external-data/--no-external-data", default=None,
+    "--external-data/--no-external-data",
+    default=None,
     help="Weights in model.onnx.data (default: only past 1.75 GiB; protobuf cannot hold 2 GiB).",
 )
-@click.option("--force", is_flag=True, help="Replace a non-empty output directory once the new one is complete.")
+@click.option(
+    "--force", is_flag=True, help="Replace a non-empty output directory once the new one is complete."
+)
 @_allow_pickle
 @_rounding
 @_quiet
 @_json
 def onnx_command(
-    base, adapters, output, mode, task, opset, run_verify, external_data, force, allow_pickle, rounding, quiet, as_json
+    base,
+    adapters,
+    output,
+    mode,
+    task,
+    opset,
+    run_verify,
+    external_data,
+    force,
+    allow_pickle,
+    rounding,
+    quiet,
+    as_json,
 ):
     """Export the base model with VeRA adapters to ONNX; exit 1 if the graph fails verification.
 
@@ -272,8 +336,15 @@ def onnx_command(
     from .onnx_export import onnx
 
     options = OnnxOptions(
-        mode=mode, task=task, opset=opset, verify=run_verify, external_data=external_data, force=force,
-        allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=not quiet,
+        mode=mode,
+        task=task,
+        opset=opset,
+        verify=run_verify,
+        external_data=external_data,
+        force=force,
+        allow_pickle=allow_pickle,
+        rounding=Rounding(rounding),
+        progress=not quiet,
     )
     report = onnx(base, adapters, output, options)
     _warn(report.warnings)
@@ -292,11 +363,18 @@ def onnx_command(
 
 @main.command("onnx-adapter")
 @click.option(
-    "--model", "model_dir", required=True, type=_path,
+    "--model",
+    "model_dir",
+    required=True,
+    type=_path,
     help="Directory written by `vera-export onnx --mode adapter` or `--mode bank`.",
 )
 @click.option(
-    "--adapter", "adapters", required=True, multiple=True, type=_path,
+    "--adapter",
+    "adapters",
+    required=True,
+    multiple=True,
+    type=_path,
     help="PEFT VeRA adapter of the same base and projections; for a bank graph, repeat it: row k of the new bank is "
     "the k-th --adapter.",
 )
@@ -329,11 +407,21 @@ def onnx_adapter_command(model_dir, adapters, output, force, allow_pickle, as_js
 @click.option("--adapter", required=True, type=_path, help="PEFT VeRA adapter directory.")
 @click.option("--output", required=True, type=_path, help="Directory for the PEFT LoRA adapter.")
 @click.option(
-    "--rank", type=click.IntRange(min=1), default=None,
+    "--rank",
+    type=click.IntRange(min=1),
+    default=None,
     help="Best rank-K approximation of each layer (default: the exact export at the adapter's r).",
 )
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True, help="Dtype of lora_A / lora_B.")
-@click.option("--force", is_flag=True, help="Replace a non-empty output directory once the new one is complete.")
+@click.option(
+    "--dtype",
+    type=click.Choice(list(DTYPES)),
+    default="float32",
+    show_default=True,
+    help="Dtype of lora_A / lora_B.",
+)
+@click.option(
+    "--force", is_flag=True, help="Replace a non-empty output directory once the new one is complete."
+)
 @_allow_pickle
 @_rounding
 @_quiet
@@ -347,7 +435,9 @@ def to_lora_command(base, adapter, output, rank, dtype, force, allow_pickle, rou
     Example:
       vera-export to-lora --base ./llama --adapter ./my-vera --output ./my-lora --rank 16
     """
-    options = MergeOptions(force=force, allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=not quiet)
+    options = MergeOptions(
+        force=force, allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=not quiet
+    )
     report = to_lora(base, adapter, output, rank=rank, dtype=dtype, options=options)
     _warn(report.warnings)
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.text())
@@ -355,9 +445,15 @@ def to_lora_command(base, adapter, output, rank, dtype, force, allow_pickle, rou
 
 @main.command("embed-projections")
 @click.option("--base", required=True, type=_path, help="Base model directory the adapter is used with.")
-@click.option("--adapter", required=True, type=_path, help="PEFT VeRA adapter saved with save_projection=False.")
-@click.option("--output", required=True, type=_path, help="Directory for the adapter with projections embedded.")
-@click.option("--force", is_flag=True, help="Replace a non-empty output directory once the new one is complete.")
+@click.option(
+    "--adapter", required=True, type=_path, help="PEFT VeRA adapter saved with save_projection=False."
+)
+@click.option(
+    "--output", required=True, type=_path, help="Directory for the adapter with projections embedded."
+)
+@click.option(
+    "--force", is_flag=True, help="Replace a non-empty output directory once the new one is complete."
+)
 @_allow_pickle
 @_rounding
 @_json
@@ -368,7 +464,9 @@ def embed_projections_command(base, adapter, output, force, allow_pickle, roundi
     Example:
       vera-export embed-projections --base ./llama --adapter ./my-vera --output ./my-vera-embedded
     """
-    options = MergeOptions(force=force, allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=False)
+    options = MergeOptions(
+        force=force, allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=False
+    )
     report = embed_projections(base, adapter, output, options)
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.text())
 

@@ -14,7 +14,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from .adapter import (
     CONFIG_NAME,
     PICKLE_WEIGHTS_NAME,
@@ -61,7 +60,10 @@ class EmbedReport:
 
 
 def embed_projections(
-    base: str | Path, adapter: str | Path | VeraAdapter, output: str | Path, options: MergeOptions = MergeOptions()
+    base: str | Path,
+    adapter: str | Path | VeraAdapter,
+    output: str | Path,
+    options: MergeOptions = MergeOptions(),
 ) -> EmbedReport:
     """Write a copy of an adapter saved with `save_projection=False`, with its projections embedded.
 
@@ -91,16 +93,23 @@ def embed_projections(
     layers = match_layers(vera, {name: tuple(info.shape) for name, info in tensors.items()})
     projections = resolve_projections(vera, tensors, layers, options.rounding)
     stored = read_adapter_tensors(vera.path, options.allow_pickle)
-    stored.update({PROJECTION_KEYS["vera_A"]: projections.vera_A, PROJECTION_KEYS["vera_B"]: projections.vera_B})
+    stored.update(
+        {PROJECTION_KEYS["vera_A"]: projections.vera_A, PROJECTION_KEYS["vera_B"]: projections.vera_B}
+    )
     with staged_output(output, [base, vera.path], options.force, options.fsync) as staging:
         _copy_other_files(vera.path, staging)
         config = json.loads((vera.path / CONFIG_NAME).read_text(encoding="utf-8"))
         config["save_projection"] = True
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (staging / CONFIG_NAME).write_text(
+            json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
         save_tensors(staging / WEIGHTS_NAME, stored, {"format": "pt"}, options.fsync)
     base_dtype = tensors[next(iter(layers.values())).weight].dtype
     return EmbedReport(
-        output, tuple(projections.vera_A.shape), tuple(projections.vera_B.shape), options.rounding.value,
+        output,
+        tuple(projections.vera_A.shape),
+        tuple(projections.vera_B.shape),
+        options.rounding.value,
         str(base_dtype).removeprefix("torch."),
     )
 
@@ -115,4 +124,3 @@ def _copy_other_files(adapter_dir: Path, staging: Path) -> None:
         target = staging / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
-

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from fractions import Fraction
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -51,7 +51,9 @@ def compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     try:
         return _COMPUTE_DTYPES[weight_dtype]
     except KeyError:
-        raise TypeError(f"cannot fold into a {weight_dtype} weight; only floating point weights are adapted") from None
+        raise TypeError(
+            f"cannot fold into a {weight_dtype} weight; only floating point weights are adapted"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,10 @@ class VeraDelta:
             floor = min(smallest_magnitude(in_side), smallest_magnitude(out_side))
             ceiling = max(largest_magnitude(in_side), largest_magnitude(out_side))
         smallest = min(smallest_magnitude(self.lambda_b), smallest_magnitude(self.lambda_d)) * floor
-        largest_b, largest_d = largest_magnitude(self.lambda_b) * ceiling, largest_magnitude(self.lambda_d) * ceiling
+        largest_b, largest_d = (
+            largest_magnitude(self.lambda_b) * ceiling,
+            largest_magnitude(self.lambda_d) * ceiling,
+        )
         # Every partial sum of a product's k terms is at most k * largest_b * largest_d.
         largest = max(largest_b, largest_d, len(self.lambda_d) * largest_b * largest_d)
         return smallest >= torch.finfo(torch.float32).tiny and largest <= _FLOAT32_HEADROOM
@@ -283,9 +288,13 @@ class _CancellationGuard:
         self.row_norms = left.to(torch.float64, copy=True).square_().sum(dim=1).sqrt_() * nudge
         self.col_norms = right.to(torch.float64, copy=True).square_().sum(dim=0).sqrt_() * nudge
         self.row_norms_c, self.col_norms_c = self.row_norms.to(dtype), self.col_norms.to(dtype)
-        largest_delta = (self.row_norms.max() * self.col_norms.max()).item() if left.numel() and right.numel() else 0.0
+        largest_delta = (
+            (self.row_norms.max() * self.col_norms.max()).item() if left.numel() and right.numel() else 0.0
+        )
         self.may_overflow = largest_delta >= half_spacing
-        self.suspects: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, cols, weight values)
+        self.suspects: list[
+            tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+        ] = []  # (rows, cols, weight values)
         self._all_columns: torch.Tensor | None = None
 
     def _exact_left(self, rows: torch.Tensor) -> torch.Tensor:
@@ -302,7 +311,8 @@ class _CancellationGuard:
         torch.abs(block, out=scratch)
         # Cheap first: the block's largest sum plus the largest error bound; NaN falls through to the full check.
         if self.may_overflow and not (
-            scratch.amax() + self.error_scale * row_norms.amax() * self.col_norms_c.amax() < self.overflow_limit
+            scratch.amax() + self.error_scale * row_norms.amax() * self.col_norms_c.amax()
+            < self.overflow_limit
         ):
             self._note_near_overflow(scratch, row_norms, weight, start)
         scratch.addr_(row_norms, self.col_norms_c, alpha=-self.scale)
@@ -328,7 +338,9 @@ class _CancellationGuard:
                 return
         self.suspects.append((start + i, j, w))
 
-    def _note_near_overflow(self, magnitudes: torch.Tensor, row_norms: torch.Tensor, weight: torch.Tensor, start: int) -> None:
+    def _note_near_overflow(
+        self, magnitudes: torch.Tensor, row_norms: torch.Tensor, weight: torch.Tensor, start: int
+    ) -> None:
         """Note the elements whose sum may round to infinity (or is not finite) where the weight is finite.
 
         The computed sum is within `gamma_{k+2} S + u |y|` of exact, so below the limit with that added it cannot
@@ -382,7 +394,9 @@ class _CancellationGuard:
             rounded[n] = math.copysign(torch.finfo(out.dtype).max, exact)
         out[i.to(out.device), j.to(out.device)] = rounded.to(out.device)  # a CUDA fold may write a CPU `out`
 
-    def _safe(self, i: torch.Tensor, j: torch.Tensor, w: torch.Tensor, recomputed: torch.Tensor) -> torch.Tensor:
+    def _safe(
+        self, i: torch.Tensor, j: torch.Tensor, w: torch.Tensor, recomputed: torch.Tensor
+    ) -> torch.Tensor:
         """Whether float64 vouches for each recomputed element (same test, with float64's error bound)."""
         bound = self.gamma64 * (w.abs() + self.row_norms[i] * self.col_norms[j])
         return bound <= self.margin * recomputed.abs()

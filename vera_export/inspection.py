@@ -9,9 +9,9 @@ import torch
 
 from .adapter import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, VeraAdapter, load_adapter
 from .errors import VeraExportError
+from .plan import build_plan
 from .projections import Rounding, generate_projections
 from .safetensors_io import ShardedTensorIndex
-from .plan import build_plan
 from .targets import incompatibilities, linear_weights, match_layers, untrained_targets
 
 
@@ -46,15 +46,22 @@ class InspectReport:
         lines = [
             f"adapter     {a['path']}",
             f"r           {a['r']}",
-            f"targets     {a['target_modules']}" + (f" (layers {a['layers_to_transform']})" if a["layers_to_transform"] is not None else ""),
+            f"targets     {a['target_modules']}"
+            + (f" (layers {a['layers_to_transform']})" if a["layers_to_transform"] is not None else ""),
             f"layers      {len(self.layers)}",
             f"bias        {a['bias']}; modules_to_save {a['modules_to_save'] or 'none'}",
             f"trainable   {a['trainable_parameters']:,} parameters; checkpoint {a['checkpoint_bytes']:,} bytes",
             f"projections {self.projections['summary']}",
         ]
         for layer in self.layers:
-            shape = f" weight {layer['weight_shape']}{' (fan_in_fan_out)' if layer.get('fan_in_fan_out') else ''}" if "weight_shape" in layer else ""
-            lines.append(f"  {layer['module']}: lambda_b {layer['lambda_b']}, lambda_d {layer['lambda_d']}{shape}")
+            shape = (
+                f" weight {layer['weight_shape']}{' (fan_in_fan_out)' if layer.get('fan_in_fan_out') else ''}"
+                if "weight_shape" in layer
+                else ""
+            )
+            lines.append(
+                f"  {layer['module']}: lambda_b {layer['lambda_b']}, lambda_d {layer['lambda_d']}{shape}"
+            )
         if self.base:
             verdict = "fits" if self.compatible else f"does NOT fit ({len(self.problems)} problems)"
             lines.append(f"base        {self.base}: {verdict}")
@@ -63,7 +70,9 @@ class InspectReport:
         return "\n".join(lines)
 
 
-def inspect(adapter: str | Path | VeraAdapter, base: str | Path | None = None, allow_pickle: bool = False) -> InspectReport:
+def inspect(
+    adapter: str | Path | VeraAdapter, base: str | Path | None = None, allow_pickle: bool = False
+) -> InspectReport:
     """Describe an adapter: config, layers, size, projections; and with `base`, every incompatibility with it.
 
     Stored projections are compared with what `projection_prng_key` regenerates, under both CPU roundings (see
@@ -71,11 +80,15 @@ def inspect(adapter: str | Path | VeraAdapter, base: str | Path | None = None, a
     """
     adapter = load_adapter(adapter, allow_pickle)
     config = adapter.config
-    weights = next((f for f in (adapter.path / WEIGHTS_NAME, adapter.path / PICKLE_WEIGHTS_NAME) if f.is_file()), None)
+    weights = next(
+        (f for f in (adapter.path / WEIGHTS_NAME, adapter.path / PICKLE_WEIGHTS_NAME) if f.is_file()), None
+    )
     summary = {
         "path": str(adapter.path),
         "r": config.r,
-        "target_modules": config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules),
+        "target_modules": config.target_modules
+        if isinstance(config.target_modules, str)
+        else list(config.target_modules),
         "layers_to_transform": config.layers_to_transform,
         "fan_in_fan_out": config.fan_in_fan_out,
         "bias": config.bias,
@@ -98,12 +111,17 @@ def inspect(adapter: str | Path | VeraAdapter, base: str | Path | None = None, a
 
 def _stored_projections(adapter: VeraAdapter) -> dict:
     if adapter.vera_A is None:
-        return {"source": "regenerated", "summary": f"regenerated from projection_prng_key {adapter.config.projection_prng_key}"}
+        return {
+            "source": "regenerated",
+            "summary": f"regenerated from projection_prng_key {adapter.config.projection_prng_key}",
+        }
     match = _regeneration_match(adapter)
     if match:
         verdict = f"equal to what the key regenerates ({match})"
     else:
-        verdict = "differ from what the key regenerates: keep them stored (do not set save_projection to false)"
+        verdict = (
+            "differ from what the key regenerates: keep them stored (do not set save_projection to false)"
+        )
     return {
         "source": "stored",
         "vera_A": list(adapter.vera_A.shape),
@@ -119,11 +137,17 @@ def _regeneration_match(adapter: VeraAdapter) -> str | None:
     config = adapter.config
     stored = (adapter.vera_A.float(), adapter.vera_B.float())
     for rounding in Rounding:
-        regenerated = generate_projections(config.projection_prng_key, config.r, stored[0].shape[1], stored[1].shape[0], rounding)
+        regenerated = generate_projections(
+            config.projection_prng_key, config.r, stored[0].shape[1], stored[1].shape[0], rounding
+        )
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             candidate = [t.to(dtype).float() for t in regenerated]
             if all(torch.equal(s, c) for s, c in zip(stored, candidate)):
-                cast = "" if dtype == torch.float32 else f", rounded to {str(dtype).removeprefix('torch.')} as on a 16-bit model"
+                cast = (
+                    ""
+                    if dtype == torch.float32
+                    else f", rounded to {str(dtype).removeprefix('torch.')} as on a 16-bit model"
+                )
                 return f"{rounding.value} rounding{cast}"
     return None
 
@@ -149,7 +173,9 @@ def _against_base(report: InspectReport, adapter: VeraAdapter, base: Path) -> No
         layer["fan_in_fan_out"] = targets[layer["module"]].fan_in_fan_out
     untrained = untrained_targets(adapter, shapes)
     if untrained:
-        report.warnings.append(f"target_modules also matches {len(untrained)} layers without lambdas: {', '.join(untrained)}")
+        report.warnings.append(
+            f"target_modules also matches {len(untrained)} layers without lambdas: {', '.join(untrained)}"
+        )
     try:  # what merge checks on top of the fit: projections, dtypes, tensors both adapted and replaced
         plan = build_plan([adapter], index.tensors)
         plan.check_foldable(index.tensors)

@@ -47,8 +47,12 @@ class VeraLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         device = next(base_layer.parameters()).device
-        self.lambda_b = nn.ParameterList([nn.Parameter(_adapter_dtype(a[0]).to(device), False) for a in adapters])
-        self.lambda_d = nn.ParameterList([nn.Parameter(_adapter_dtype(a[1]).to(device), False) for a in adapters])
+        self.lambda_b = nn.ParameterList(
+            [nn.Parameter(_adapter_dtype(a[0]).to(device), False) for a in adapters]
+        )
+        self.lambda_d = nn.ParameterList(
+            [nn.Parameter(_adapter_dtype(a[1]).to(device), False) for a in adapters]
+        )
         # Plain attributes, not buffers: the projections are shared by every layer and belong to no single one.
         self.projections = [(a[2], a[3]) for a in adapters]
 
@@ -95,7 +99,12 @@ def apply_vera(
         base_layer = model.get_submodule(target.module)
         device = next(base_layer.parameters()).device
         projections = [
-            (d.lambda_b, d.lambda_d, on(device, d.projections.vera_A, d.lambda_d), on(device, d.projections.vera_B, d.lambda_d))
+            (
+                d.lambda_b,
+                d.lambda_d,
+                on(device, d.projections.vera_A, d.lambda_d),
+                on(device, d.projections.vera_B, d.lambda_d),
+            )
             for d in deltas
         ]
         wrapped = VeraLinear(base_layer, target.in_features, target.out_features, projections)
@@ -154,7 +163,9 @@ def untie(model: nn.Module, names: Iterable[str]) -> None:
         module = model.get_submodule(module_name)
         param = getattr(module, attribute)
         if isinstance(param, nn.Parameter) and uses[id(param)] > 1:
-            setattr(module, attribute, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+            setattr(
+                module, attribute, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+            )
 
 
 def _copy_replacements(model: nn.Module, plan: Plan) -> None:

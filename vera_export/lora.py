@@ -29,7 +29,14 @@ from pathlib import Path
 
 import torch
 
-from .adapter import CONFIG_NAME, PROJECTION_KEYS, WEIGHTS_NAME, VeraAdapter, load_adapter, read_adapter_tensors
+from .adapter import (
+    CONFIG_NAME,
+    PROJECTION_KEYS,
+    WEIGHTS_NAME,
+    VeraAdapter,
+    load_adapter,
+    read_adapter_tensors,
+)
 from .errors import AdapterError
 from .options import MergeOptions
 from .outputs import staged_output
@@ -47,8 +54,17 @@ VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 # Config fields that mean the same in a LoRA config and are copied as the VeRA adapter wrote them.
 _SHARED_CONFIG_FIELDS = (
-    "target_modules", "exclude_modules", "fan_in_fan_out", "layers_to_transform", "layers_pattern",
-    "modules_to_save", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+    "target_modules",
+    "exclude_modules",
+    "fan_in_fan_out",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "auto_mapping",
 )
 _LORA_BIAS = {"none": "none", "all": "all", "vera_only": "lora_only"}
 _VERA_TENSOR_SUFFIXES = (".vera_lambda_b", ".vera_lambda_d")
@@ -101,7 +117,9 @@ class LoraReport:
                 f"{self.max_rounding_error:.1e} per layer"
             )
         else:
-            lines += [f"  {layer.module}: relative error {layer.truncation_error:.4f}" for layer in self.layers]
+            lines += [
+                f"  {layer.module}: relative error {layer.truncation_error:.4f}" for layer in self.layers
+            ]
             lines.append(
                 f"total relative error {self.total_truncation_error:.4f} (best rank-{self.rank} approximation of "
                 f"each layer; rounding to {self.dtype} adds at most {self.max_rounding_error:.1e})"
@@ -162,7 +180,9 @@ def to_lora(
     r = vera.config.r
     if rank is not None and rank >= r:
         if rank > r:
-            notes.append(f"rank {rank} is above the adapter's r = {r}; the exact export at rank {r} is written")
+            notes.append(
+                f"rank {rank} is above the adapter's r = {r}; the exact export at rank {r} is written"
+            )
         rank = None
     report = LoraReport(output, rank or r, str(out_dtype).removeprefix("torch."), exact=rank is None)
 
@@ -177,7 +197,9 @@ def to_lora(
     config = lora_config(vera, report.rank)
     report.warnings = notes + server_warnings(report.rank, config)
     with staged_output(output, [base, vera.path], options.force, options.fsync) as staging:
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (staging / CONFIG_NAME).write_text(
+            json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
         save_tensors(staging / WEIGHTS_NAME, tensors, {"format": "pt"}, options.fsync)
     report.seconds = time.perf_counter() - started
     return report
@@ -370,4 +392,3 @@ def _trained_tensors(vera: VeraAdapter, allow_pickle: bool) -> dict[str, torch.T
         for key, tensor in raw.items()
         if key not in PROJECTION_KEYS.values() and not key.endswith(_VERA_TENSOR_SUFFIXES)
     }
-

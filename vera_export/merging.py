@@ -94,7 +94,9 @@ def unmerge(
     return _rewrite(Path(merged), loaded, Path(output), alpha=-1.0, options=options)
 
 
-def _rewrite(source: Path, adapters: list[VeraAdapter], output: Path, alpha: float, options: MergeOptions) -> MergeReport:
+def _rewrite(
+    source: Path, adapters: list[VeraAdapter], output: Path, alpha: float, options: MergeOptions
+) -> MergeReport:
     started = time.perf_counter()
     index = ShardedTensorIndex.from_dir(source)
     plan = build_plan(adapters, index.tensors, options.rounding)
@@ -110,11 +112,22 @@ def _rewrite(source: Path, adapters: list[VeraAdapter], output: Path, alpha: flo
     replacements = plan.replacements if alpha > 0 else {}
     label = "merging" if alpha > 0 else "unmerging"
     total = sum(info.nbytes for info in index.tensors.values())
-    with staged_output(output, [source, *(a.path for a in adapters)], options.force, options.fsync) as staging:
+    with staged_output(
+        output, [source, *(a.path for a in adapters)], options.force, options.fsync
+    ) as staging:
         with progress_bar(total, label, options.progress) as advance:
             rewrite_tensors(
-                index, plan.deltas, replacements, staging, alpha, torch.device(options.device), options.block_rows,
-                options.fsync, options.overlap, report, advance,
+                index,
+                plan.deltas,
+                replacements,
+                staging,
+                alpha,
+                torch.device(options.device),
+                options.block_rows,
+                options.fsync,
+                options.overlap,
+                report,
+                advance,
             )
         if index.is_sharded:
             write_index(staging / INDEX_NAME, index.weight_map, index.index_metadata or {}, options.fsync)
@@ -163,7 +176,9 @@ def rewrite_tensors(
         if item.folded:
             try:
                 layer_deltas = [delta.delta(device) for delta in deltas[name]]
-                fold(item.tensor.to(device), layer_deltas, alpha=alpha, out=item.tensor, block_rows=block_rows)
+                fold(
+                    item.tensor.to(device), layer_deltas, alpha=alpha, out=item.tensor, block_rows=block_rows
+                )
             except FloatingPointError as exc:
                 raise CheckpointError(f"{name}: the merge {exc}; check the adapter's lambdas") from None
         return item
@@ -182,7 +197,9 @@ def rewrite_tensors(
 def _refuse_tied_replacements(source: Path, plan: Plan) -> None:
     """A trained copy of a tied tensor (an input embedding in `modules_to_save`, tied to the output head) replaces
     it only for its own module in PEFT; a checkpoint that stores the pair once cannot say that."""
-    from .modeling import tied_partners  # transformers takes seconds to import: only when tensors are replaced
+    from .modeling import (
+        tied_partners,
+    )  # transformers takes seconds to import: only when tensors are replaced
 
     try:
         tied = tied_partners(source, plan.replacements)
@@ -201,9 +218,20 @@ class _ShardWriter:
     """Writes items into the shard files in order; each shard's file is started when its turn comes."""
 
     def __init__(
-        self, index: ShardedTensorIndex, staging: Path, fsync: bool, report: MergeReport, advance: Callable[[int], None]
+        self,
+        index: ShardedTensorIndex,
+        staging: Path,
+        fsync: bool,
+        report: MergeReport,
+        advance: Callable[[int], None],
     ) -> None:
-        self.index, self.staging, self.fsync, self.report, self.advance = index, staging, fsync, report, advance
+        self.index, self.staging, self.fsync, self.report, self.advance = (
+            index,
+            staging,
+            fsync,
+            report,
+            advance,
+        )
         self.pending = list(index.shards)
         self.shard: Path | None = None
         self.writer: SafetensorsWriter | None = None
@@ -260,5 +288,7 @@ def copy_side_files(source: Path, staging: Path, shards: list[Path]) -> list[str
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
     if skipped:
-        return [f"not copied (weights of another format would not match the merged ones): {', '.join(skipped)}"]
+        return [
+            f"not copied (weights of another format would not match the merged ones): {', '.join(skipped)}"
+        ]
     return []

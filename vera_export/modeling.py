@@ -19,7 +19,9 @@ def model_class(model_dir: Path) -> type[transformers.PreTrainedModel]:
     try:
         architectures = json.loads(config_path.read_text()).get("architectures") or []
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{config_path}: cannot be read ({exc}); a Hugging Face model needs its config.json") from None
+        raise CheckpointError(
+            f"{config_path}: cannot be read ({exc}); a Hugging Face model needs its config.json"
+        ) from None
     cls = getattr(transformers, architectures[0], None) if architectures else None
     if cls is None:
         raise CheckpointError(
@@ -41,7 +43,9 @@ def tied_partners(model_dir: Path, names: Iterable[str]) -> dict[str, list[str]]
     for name, param in model.named_parameters(remove_duplicate=False):
         groups[id(param)].append(name)
     group_of = {name: group for group in groups.values() for name in group}
-    return {name: [n for n in group_of[name] if n != name] for name in names if len(group_of.get(name, [])) > 1}
+    return {
+        name: [n for n in group_of[name] if n != name] for name in names if len(group_of.get(name, [])) > 1
+    }
 
 
 def load_model(model_dir: Path, dtype: torch.dtype) -> transformers.PreTrainedModel:

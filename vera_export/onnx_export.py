@@ -54,6 +54,7 @@ from .errors import AdapterError, CheckpointError, OutputError
 from .layers import VeraLinear, apply_vera, merge_into, untie
 from .merging import copy_side_files
 from .modeling import load_model, model_class
+from .options import TASKS, OnnxOptions
 from .ort_adapter import (
     ADAPTERS_AXIS,
     MANIFEST_NAME,
@@ -66,7 +67,6 @@ from .ort_adapter import (
     stack_inputs,
     tensor_input,
 )
-from .options import TASKS, OnnxOptions
 from .outputs import staged_output
 from .plan import Plan, build_plan, pin_projections
 from .progress import stage_bar
@@ -203,7 +203,9 @@ def onnx(
     loaded, plan = _resolve(index, adapters, options.allow_pickle, options.rounding, options.mode)
     task = resolve_task(base, options.task)
     external_data = _external_data(index, options.external_data)
-    report = OnnxReport(output, options.mode, task, [str(a.path) for a in loaded], warnings=list(plan.warnings))
+    report = OnnxReport(
+        output, options.mode, task, [str(a.path) for a in loaded], warnings=list(plan.warnings)
+    )
     stages = [*_EXPORT_STAGES, *(["verifying"] if options.verify else [])]
     with stage_bar(stages, f"exporting ({options.mode})", options.progress) as start:
         with staged_output(output, [base, *(a.path for a in loaded)], options.force) as staging:
@@ -319,7 +321,9 @@ def _bank_graph(
     wrapper = BankGraphOutput(model, task, apply_bank(model, bank, tables))
     graph = _trace(wrapper, opset)
     shared = _name_projections(graph, bank.projections.vera_A, bank.projections.vera_B)
-    manifest.overridable = _expose_trained_tensors(graph, wrapper, {id(t): name for name, t in tables.items()})
+    manifest.overridable = _expose_trained_tensors(
+        graph, wrapper, {id(t): name for name, t in tables.items()}
+    )
     manifest.projections = projection_fingerprint(bank.adapters[0], bank.projections)
     manifest.layers = list(bank.layers)
     manifest.replaced = list(bank.replaced)
@@ -328,7 +332,9 @@ def _bank_graph(
 
 def _trained_tensors(model: nn.Module, adapter: VeraAdapter) -> dict[int, str]:
     """Wrap the adapted layers with `VeraLinear`; return graph input names by id of the tensors the adapter trains."""
-    untie(model, adapter.replacements)  # first: the inputs must be the trained copies, not a tied partner's weights
+    untie(
+        model, adapter.replacements
+    )  # first: the inputs must be the trained copies, not a tied partner's weights
     state = model.state_dict(keep_vars=True)
     names = {id(state[name]): tensor_input(name) for name in adapter.replacements}
     apply_vera(model, [adapter])
@@ -392,11 +398,14 @@ def _name_projections(graph: ir.Model, vera_A: torch.Tensor, vera_B: torch.Tenso
     for name, tensor in ((VERA_A, vera_A), (VERA_B, vera_B)):
         expected = tensor.to(torch.float32).numpy()
         found = [
-            v for v in initializers.values()
+            v
+            for v in initializers.values()
             if tuple(v.shape) == expected.shape and np.array_equal(v.const_value.numpy(), expected)
         ]
         if len(found) != 1:
-            raise RuntimeError(f"expected the exported graph to hold {name} once, found it {len(found)} times")
+            raise RuntimeError(
+                f"expected the exported graph to hold {name} once, found it {len(found)} times"
+            )
         found[0].name = name  # onnx_ir re-keys graph.initializers
         shared.add(found[0])
     return shared
@@ -410,7 +419,10 @@ def _expose_trained_tensors(graph: ir.Model, wrapper: nn.Module, names: dict[int
     """
     ir.passes.common.RemoveUnusedNodesPass()(graph)
     initializers = graph.graph.initializers
-    members = [*wrapper.named_parameters(remove_duplicate=False), *wrapper.named_buffers(remove_duplicate=False)]
+    members = [
+        *wrapper.named_parameters(remove_duplicate=False),
+        *wrapper.named_buffers(remove_duplicate=False),
+    ]
     exposed = {}
     for path, tensor in members:
         name = names.get(id(tensor))
@@ -461,7 +473,9 @@ def _optimize(graph: ir.Model, shared: set[ir.Value]) -> None:
     for inputs of other shapes than the export's example; at opset 18 they find nothing to fuse.
     """
     with _quiet("onnx_ir", "onnxscript"):
-        onnxscript.optimizer.optimize_ir(graph, should_fold=lambda node: False if shared & set(node.inputs) else None)
+        onnxscript.optimizer.optimize_ir(
+            graph, should_fold=lambda node: False if shared & set(node.inputs) else None
+        )
     # Source locations of every node: most of the file, of no use to a runtime.
     ir.passes.common.ClearMetadataAndDocStringPass()(graph)
 
@@ -596,7 +610,11 @@ def _check_bank(
 
 @torch.no_grad()
 def _bank_outputs(
-    base: Path, adapters: list[VeraAdapter], task: str, dtype: torch.dtype, inputs: list[dict[str, torch.Tensor]]
+    base: Path,
+    adapters: list[VeraAdapter],
+    task: str,
+    dtype: torch.dtype,
+    inputs: list[dict[str, torch.Tensor]],
 ) -> list[np.ndarray]:
     """Each batch row computed by the unmerged model of its own adapter, one model in memory at a time."""
     outputs: list[np.ndarray | None] = [None] * len(inputs)
@@ -635,7 +653,11 @@ def _check_output(
     scale = float(np.abs(want).max()) or 1.0
     tolerance = PRECISION_FACTOR * torch_error + FLOOR_ROUNDOFFS * 2.0**-24 * scale
     return Check(
-        f"onnx {name} [{shape}]", error, error / scale, tolerance, error <= tolerance,
+        f"onnx {name} [{shape}]",
+        error,
+        error / scale,
+        tolerance,
+        error <= tolerance,
         detail=f"PyTorch float32 is off by {torch_error:.3g}",
     )
 
@@ -663,7 +685,11 @@ def _check_graph(onnx_dir: Path, runner: ort.InferenceSession, manifest: Manifes
     if manifest.mode in ("adapter", "bank"):
         problems += _check_projections(onnx_dir, manifest)
     return Check(
-        "graph inputs, outputs and overridable tensors", 0.0, 0.0, 0.0, not problems,
+        "graph inputs, outputs and overridable tensors",
+        0.0,
+        0.0,
+        0.0,
+        not problems,
         detail="; ".join(problems) or f"{len(overridable)} overridable",
     )
 

@@ -78,4 +78,6 @@ class OnnxOptions:
         if self.task != "auto" and self.task not in TASKS:
             raise ValueError(f"task is {self.task!r}, expected 'auto' or one of {tuple(TASKS)}")
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
-            raise ValueError(f"opset is {self.opset}, expected {MIN_OPSET} to {MAX_OPSET} (what the exporter supports)")
+            raise ValueError(
+                f"opset is {self.opset}, expected {MIN_OPSET} to {MAX_OPSET} (what the exporter supports)"
+            )

@@ -97,7 +97,9 @@ class Manifest:
     overridable: dict[str, dict] = field(default_factory=dict)
 
     def write(self, directory: Path) -> None:
-        (directory / MANIFEST_NAME).write_text(json.dumps({"format": FORMAT, **asdict(self)}, indent=1) + "\n")
+        (directory / MANIFEST_NAME).write_text(
+            json.dumps({"format": FORMAT, **asdict(self)}, indent=1) + "\n"
+        )
 
     @classmethod
     def read(cls, directory: str | Path) -> Manifest:
@@ -114,9 +116,13 @@ class Manifest:
                 f"{path.parent}: no {MANIFEST_NAME}; point at a directory written by `vera-export onnx`"
             ) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: not a readable JSON file ({exc}); export the model again") from None
+            raise CheckpointError(
+                f"{path}: not a readable JSON file ({exc}); export the model again"
+            ) from None
         if not isinstance(raw, dict) or raw.pop("format", None) != FORMAT:
-            raise CheckpointError(f"{path}: not a {FORMAT!r} manifest; export the model again with this version")
+            raise CheckpointError(
+                f"{path}: not a {FORMAT!r} manifest; export the model again with this version"
+            )
         try:
             return cls(**raw)
         except TypeError as exc:
@@ -124,7 +130,8 @@ class Manifest:
 
     def base_specs(self) -> dict[str, _TensorSpec]:
         return {
-            name: _TensorSpec(tuple(shape), getattr(torch, dtype)) for name, (dtype, shape) in self.base_tensors.items()
+            name: _TensorSpec(tuple(shape), getattr(torch, dtype))
+            for name, (dtype, shape) in self.base_tensors.items()
         }
 
 
@@ -149,8 +156,8 @@ def projection_fingerprint(adapter: VeraAdapter, projections: Projections) -> di
 
 def trained_inputs(adapter: VeraAdapter) -> dict[str, torch.Tensor]:
     """The adapter's trained tensors by the name of the graph input that holds them."""
-    tensors = {lambda_input(m, "b"): l.lambda_b for m, l in adapter.layers.items()}
-    tensors |= {lambda_input(m, "d"): l.lambda_d for m, l in adapter.layers.items()}
+    tensors = {lambda_input(m, "b"): layer.lambda_b for m, layer in adapter.layers.items()}
+    tensors |= {lambda_input(m, "d"): layer.lambda_d for m, layer in adapter.layers.items()}
     tensors |= {tensor_input(name): t for name, t in adapter.replacements.items()}
     return tensors
 
@@ -224,7 +231,8 @@ def _refuse_misfits(manifest: Manifest, adapters: Sequence[VeraAdapter]) -> None
     if misfits:
         raise IncompatibleAdapterError(
             "; ".join(
-                f"{adapter.path}: does not fit the exported graph ({len(problems)} problems): " + "; ".join(problems)
+                f"{adapter.path}: does not fit the exported graph ({len(problems)} problems): "
+                + "; ".join(problems)
                 for adapter, problems in misfits
             )
         )
@@ -247,14 +255,20 @@ def _differences(manifest: Manifest, adapter: VeraAdapter) -> list[str]:
             problems.append(f"projections: {key} is {ours[key]}, the graph's is {theirs[key]}")
     if not problems and ours["sha256"] != theirs["sha256"]:
         prng_key = ours["projection_prng_key"]
-        source = "stored in the adapter" if projections.stored else f"regenerated from projection_prng_key {prng_key}"
+        source = (
+            "stored in the adapter"
+            if projections.stored
+            else f"regenerated from projection_prng_key {prng_key}"
+        )
         problems.append(
             f"projections: vera_A / vera_B ({source}) differ from the graph's (projection_prng_key "
             f"{theirs['projection_prng_key']}); the adapter was trained with other projections"
         )
     # A bank's file holds whole tables: a layer the adapter leaves alone gets zero lambdas, not stale ones.
     fewer_layers = manifest.mode == "bank"
-    problems += _set_difference("adapted layers", set(adapter.layers), set(manifest.layers), fewer_ok=fewer_layers)
+    problems += _set_difference(
+        "adapted layers", set(adapter.layers), set(manifest.layers), fewer_ok=fewer_layers
+    )
     problems += _set_difference("trained tensors", set(adapter.replacements), set(manifest.replaced))
     return problems
 
@@ -286,7 +300,11 @@ class OnnxAdapterReport:
     bytes_written: int
 
     def to_json(self) -> dict:
-        return {"output": str(self.output), "parameters": self.parameters, "bytes_written": self.bytes_written}
+        return {
+            "output": str(self.output),
+            "parameters": self.parameters,
+            "bytes_written": self.bytes_written,
+        }
 
 
 def onnx_adapter(
@@ -349,7 +367,9 @@ def write_adapter_file(values: Mapping[str, np.ndarray], output: Path) -> None:
         adapter_format.export_adapter(str(staging))
         os.replace(staging, output)
     except (OSError, RuntimeError) as exc:  # ONNX Runtime reports a file it cannot open as RuntimeError
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+        reason = (
+            exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+        )
         raise OutputError(f"{output}: cannot be written ({reason}); choose a writable location") from None
     finally:
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):

@@ -35,7 +35,9 @@ def check_output(output: Path, inputs: Sequence[Path], force: bool) -> None:
     if output.exists() and not output.is_dir():
         raise OutputError(f"{output}: exists and is not a directory; choose another output path")
     if output.is_dir() and any(output.iterdir()) and not force:
-        raise OutputError(f"{output}: exists and is not empty; choose another output or pass --force to replace it")
+        raise OutputError(
+            f"{output}: exists and is not empty; choose another output or pass --force to replace it"
+        )
 
 
 def check_outside_inputs(output: Path, inputs: Sequence[Path]) -> None:
@@ -56,7 +58,9 @@ def check_outside_inputs(output: Path, inputs: Sequence[Path]) -> None:
             real |= {path.resolve() for path in source.rglob("*") if path.is_symlink()}
         for path in real:
             if resolved == path or path in resolved.parents or resolved in path.parents:
-                raise OutputError(f"{output}: the output overlaps the input {path}; choose an output outside the inputs")
+                raise OutputError(
+                    f"{output}: the output overlaps the input {path}; choose an output outside the inputs"
+                )
 
 
 @contextlib.contextmanager
@@ -86,7 +90,9 @@ def staged_output(
         output.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{output.name}{_STAGING_INFIX}", dir=output.parent))
     except OSError as exc:
-        raise OutputError(f"{output}: cannot create the output directory ({exc.strerror}); choose a writable location") from None
+        raise OutputError(
+            f"{output}: cannot create the output directory ({exc.strerror}); choose a writable location"
+        ) from None
     try:
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output gets the usual permissions
         try:
@@ -169,7 +175,9 @@ def _signals_held() -> Iterator[None]:
         return
     received: list[int] = []
     held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in held}
+    previous = {
+        signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in held
+    }
     try:
         yield
     finally:

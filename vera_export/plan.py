@@ -92,7 +92,11 @@ class Plan:
         Raises:
             IncompatibleAdapterError: Naming the first such weights and their dtypes.
         """
-        unfoldable = [f"{name} ({tensors[name].dtype})" for name in self.deltas if tensors[name].dtype not in FOLDABLE_DTYPES]
+        unfoldable = [
+            f"{name} ({tensors[name].dtype})"
+            for name in self.deltas
+            if tensors[name].dtype not in FOLDABLE_DTYPES
+        ]
         if unfoldable:
             raise IncompatibleAdapterError(
                 f"adapted weights are not float16, bfloat16, float32 or float64: {', '.join(unfoldable[:5])}"
@@ -124,7 +128,9 @@ def resolve_projections(
     if adapter.vera_A is None:
         shapes = {name: tuple(t.shape) for name, t in tensors.items()}
         max_in, max_out = projection_dims(adapter, shapes)
-        vera_A, vera_B = generate_projections(adapter.config.projection_prng_key, adapter.config.r, max_in, max_out, rounding)
+        vera_A, vera_B = generate_projections(
+            adapter.config.projection_prng_key, adapter.config.r, max_in, max_out, rounding
+        )
         layer_dtype = tensors[next(iter(layers.values())).weight].dtype
         if layer_dtype in (torch.float16, torch.bfloat16):
             vera_A, vera_B = vera_A.to(layer_dtype).float(), vera_B.to(layer_dtype).float()
@@ -147,7 +153,9 @@ def pin_projections(adapters: Sequence[VeraAdapter], plan: Plan) -> list[VeraAda
     regenerate projections without the rounding PEFT applies on the checkpoint's 16-bit dtype.
     """
     return [
-        dataclasses.replace(a, vera_A=plan.projections[str(a.path)].vera_A, vera_B=plan.projections[str(a.path)].vera_B)
+        dataclasses.replace(
+            a, vera_A=plan.projections[str(a.path)].vera_A, vera_B=plan.projections[str(a.path)].vera_B
+        )
         for a in adapters
     ]
 
@@ -172,7 +180,9 @@ def build_plan(
             plan.deltas.setdefault(target.weight, []).append(delta)
         for name, tensor in adapter.replacements.items():
             if name in plan.replacements:
-                plan.warnings.append(f"{adapter.name} replaces {name} again; the last adapter's tensor is used")
+                plan.warnings.append(
+                    f"{adapter.name} replaces {name} again; the last adapter's tensor is used"
+                )
             plan.replacements[name] = tensor
         untrained = untrained_targets(adapter, shapes)
         if untrained:

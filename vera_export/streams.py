@@ -6,6 +6,7 @@ them with the fold. Queues of depth 1 keep at most one item waiting on each side
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -51,10 +52,8 @@ def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
 
 
 def _drop_one(channel: queue.Queue) -> None:
-    try:
+    with contextlib.suppress(queue.Empty):
         channel.get_nowait()
-    except queue.Empty:
-        pass
 
 
 def _wait_for(done: threading.Event, unblock: Callable[[], None] = lambda: None) -> None:

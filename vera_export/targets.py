@@ -119,7 +119,9 @@ def incompatibilities(adapter: VeraAdapter, shapes: Mapping[str, tuple[int, ...]
     for module, layer in adapter.layers.items():
         shape = linear.get(module)
         if shape is None:
-            problems.append(f"module {module!r} has no 2-D weight in the base (was the adapter trained on another model?)")
+            problems.append(
+                f"module {module!r} has no 2-D weight in the base (was the adapter trained on another model?)"
+            )
         elif layer.lambda_b.numel() not in shape:
             problems.append(
                 f"{module}.vera_lambda_b has length {layer.lambda_b.numel()} but the base weight {module}.weight is "
@@ -154,7 +156,9 @@ def _ambiguous_layouts(adapter: VeraAdapter, linear: Mapping[str, tuple[int, int
     if not square or set(layouts) <= {adapter.config.fan_in_fan_out}:
         return []
     if len(layouts) == 2:
-        found = f"layers stored both ways ([in, out] like {layouts[True][0]}, [out, in] like {layouts[False][0]})"
+        found = (
+            f"layers stored both ways ([in, out] like {layouts[True][0]}, [out, in] like {layouts[False][0]})"
+        )
     else:
         found = f"layers stored {'[in, out]' if True in layouts else '[out, in]'} (like {next(iter(layouts.values()))[0]})"
     return [
@@ -167,13 +171,21 @@ def _ambiguous_layouts(adapter: VeraAdapter, linear: Mapping[str, tuple[int, int
 def untrained_targets(adapter: VeraAdapter, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
     """Layers the config targets in this base that the adapter has no lambdas for (PEFT leaves them unchanged)."""
     linear = linear_weights(shapes)
-    return [m for m in module_names(shapes) if m in linear and is_targeted(adapter.config, m) and m not in adapter.layers]
+    return [
+        m
+        for m in module_names(shapes)
+        if m in linear and is_targeted(adapter.config, m) and m not in adapter.layers
+    ]
 
 
 def projection_dims(adapter: VeraAdapter, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, int]:
     """`(max_in, max_out)` over the layers PEFT would target in this base: the shapes of regenerated projections."""
     linear = linear_weights(shapes)
-    layers = [_resolve(adapter, m, linear[m]) for m in module_names(shapes) if m in linear and is_targeted(adapter.config, m)]
+    layers = [
+        _resolve(adapter, m, linear[m])
+        for m in module_names(shapes)
+        if m in linear and is_targeted(adapter.config, m)
+    ]
     if not layers:
         raise IncompatibleAdapterError(
             f"{adapter.path}: target_modules {adapter.config.target_modules!r} matches no linear layer of the base"
@@ -190,4 +202,3 @@ def _resolve(adapter: VeraAdapter, module: str, shape: tuple[int, int]) -> Targe
         fan_in_fan_out = layer.lambda_b.numel() == cols
     in_features, out_features = (rows, cols) if fan_in_fan_out else (cols, rows)
     return TargetLayer(module, f"{module}.weight", (rows, cols), in_features, out_features, fan_in_fan_out)
-

@@ -143,10 +143,13 @@ def verify(
 
 
 @torch.no_grad()
-def check_layer(name: str, base_weight: torch.Tensor, merged_weight: torch.Tensor, deltas: Sequence[LayerDelta]) -> Check:
+def check_layer(
+    name: str, base_weight: torch.Tensor, merged_weight: torch.Tensor, deltas: Sequence[LayerDelta]
+) -> Check:
     """Compare one merged weight with its base weight plus the adapters' deltas (see the module docstring)."""
     dtype = compute_dtype(base_weight.dtype)
     target = deltas[0].target
+
     # Work in the nn.Linear layout [out, in] whatever the storage layout.
     def linear(w: torch.Tensor) -> torch.Tensor:
         w = w.to(dtype)
@@ -165,8 +168,16 @@ def check_layer(name: str, base_weight: torch.Tensor, merged_weight: torch.Tenso
     worst = (error / tolerance).argmax()
     probe_ratio = (error / tolerance).flatten()[worst].item()
     row_ratio = max(
-        (_rows_ratio(W[start : start + ROWS], W_merged[start : start + ROWS], spacing[start : start + ROWS], factors, start)
-         for start in range(0, target.out_features, ROWS)),
+        (
+            _rows_ratio(
+                W[start : start + ROWS],
+                W_merged[start : start + ROWS],
+                spacing[start : start + ROWS],
+                factors,
+                start,
+            )
+            for start in range(0, target.out_features, ROWS)
+        ),
         default=0.0,
     )
 
@@ -227,7 +238,9 @@ def _check_structure(base: ShardedTensorIndex, merged: ShardedTensorIndex) -> Ch
         if other is None:
             problems.append(f"{name} missing")
         elif (other.dtype, other.shape) != (info.dtype, info.shape):
-            problems.append(f"{name} is {other.dtype} {list(other.shape)}, base is {info.dtype} {list(info.shape)}")
+            problems.append(
+                f"{name} is {other.dtype} {list(other.shape)}, base is {info.dtype} {list(info.shape)}"
+            )
     problems += [f"{name} not in the base" for name in merged.tensors.keys() - base.tensors.keys()]
     return Check(
         name="tensor names, dtypes and shapes",
@@ -242,7 +255,9 @@ def _check_structure(base: ShardedTensorIndex, merged: ShardedTensorIndex) -> Ch
 def _check_replacement(name: str, trained: torch.Tensor, merged: torch.Tensor) -> Check:
     expected = trained.to(merged.dtype)
     error = (merged.double() - expected.double()).abs().max().item() if merged.numel() else 0.0
-    return Check(f"replaced {name}", error, error / (expected.double().abs().max().item() or 1.0), 0.0, error == 0.0)
+    return Check(
+        f"replaced {name}", error, error / (expected.double().abs().max().item() or 1.0), 0.0, error == 0.0
+    )
 
 
 def _fits_in_memory(index: ShardedTensorIndex) -> bool:
@@ -282,7 +297,9 @@ def check_model_outputs(
 
     dtype = _storage_dtype(base)
     compute = compute_dtype(dtype)
-    unmerged = apply_vera(load_model(base, compute), [cast_adapter(a, compute) for a in adapters], options.rounding)
+    unmerged = apply_vera(
+        load_model(base, compute), [cast_adapter(a, compute) for a in adapters], options.rounding
+    )
     inputs = model_inputs(unmerged.config.vocab_size)
     expected = [model_outputs(unmerged, batch) for batch in inputs]
     del unmerged
@@ -297,7 +314,9 @@ def check_model_outputs(
             scale = want.abs().max().item() or 1.0
             tolerance = MODEL_ROUNDOFFS * roundoff * scale
             shape = "x".join(map(str, batch["input_ids"].shape))
-            checks.append(Check(f"model {key} [{shape}]", error, error / scale, tolerance, error <= tolerance))
+            checks.append(
+                Check(f"model {key} [{shape}]", error, error / scale, tolerance, error <= tolerance)
+            )
     return checks
 
 
@@ -311,9 +330,14 @@ def _storage_dtype(model_dir: Path) -> torch.dtype:
 
 def cast_adapter(adapter: VeraAdapter, dtype: torch.dtype) -> VeraAdapter:
     """A copy of the adapter with lambdas and stored projections in `dtype` (for a reference in that precision)."""
-    layers = {m: VeraLayer(m, l.lambda_b.to(dtype), l.lambda_d.to(dtype)) for m, l in adapter.layers.items()}
-    cast = (lambda t: None if t is None else t.to(dtype))
-    return dataclasses.replace(adapter, layers=layers, vera_A=cast(adapter.vera_A), vera_B=cast(adapter.vera_B))
+    layers = {m: VeraLayer(m, v.lambda_b.to(dtype), v.lambda_d.to(dtype)) for m, v in adapter.layers.items()}
+
+    def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.to(dtype)
+
+    return dataclasses.replace(
+        adapter, layers=layers, vera_A=cast(adapter.vera_A), vera_B=cast(adapter.vera_B)
+    )
 
 
 def report_json(report: VerifyReport) -> str:
