@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import transformers
 
+from vera_export.io.index import INDEX_NAME
+from vera_export.io.writer import SafetensorsWriter, save_tensors, write_index
 from vera_export.projections import generate_projections
-from vera_export.safetensors_io import INDEX_NAME
-from vera_export.safetensors_writer import SafetensorsWriter, save_tensors, write_index
 
 SHARD_BYTES = 1_000_000_000
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

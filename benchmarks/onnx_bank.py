@@ -31,14 +31,16 @@ from pathlib import Path
 import numpy as np
 from onnx_latency import LLAMA, _session, build_adapter, build_base, machine, settle, time_interleaved
 
-from vera_export.onnx_export import ADAPTER_INDEX, MODEL_NAME, OnnxOptions, onnx
+from vera_export import OnnxOptions, export_onnx
+from vera_export.onnx.graph import MODEL_NAME
+from vera_export.onnx.signature import ADAPTER_INDEX
 
 ADAPTERS = 8
 
 
 def export(base: Path, adapters: list[Path], out: Path, mode: str, verify: bool) -> Path:
     started = time.perf_counter()
-    report = onnx(base, adapters, out, OnnxOptions(mode=mode, verify=verify))
+    report = export_onnx(base, adapters, out, OnnxOptions(mode=mode, verify=verify))
     seconds = time.perf_counter() - started
     if report.verification is None:
         print(f"{out.name}: exported in {seconds:.0f} s (not verified)")

@@ -32,8 +32,8 @@ import onnxruntime as ort
 import torch
 import transformers
 
-from vera_export.onnx_export import MODEL_NAME, OnnxOptions, onnx
-from vera_export.ort_adapter import onnx_adapter
+from vera_export import OnnxOptions, export_onnx, onnx_adapter
+from vera_export.onnx.graph import MODEL_NAME
 
 THREADS = 2
 SHAPES = [(1, 16), (1, 128), (4, 128), (8, 128)]
@@ -95,7 +95,7 @@ def engines(work: Path, base: Path, r: int) -> dict[str, Callable[[dict[str, np.
     exported = {}
     for mode in ("merged", "adapter"):
         started = time.perf_counter()
-        report = onnx(base, [adapter], work / f"onnx-r{r}-{mode}", OnnxOptions(mode=mode))
+        report = export_onnx(base, [adapter], work / f"onnx-r{r}-{mode}", OnnxOptions(mode=mode))
         worst = max(c.max_abs_error / c.tolerance for c in report.verification.checks if c.tolerance)
         print(
             f"r={r} {mode}: exported and verified in {time.perf_counter() - started:.0f} s, "

@@ -24,12 +24,10 @@ from peft import PeftModel
 from peft.tuners.lora.conversion import convert_to_lora
 from safetensors.torch import load_file
 
-from vera_export import MergeOptions, load_adapter
+from vera_export import ToLoraOptions, load_adapter
+from vera_export.io.index import ShardedTensorIndex
 from vera_export.lora import to_lora
 from vera_export.plan import build_plan
-from vera_export.safetensors_io import ShardedTensorIndex
-
-QUIET = MergeOptions(force=True, progress=False)
 
 
 def timed(function, *args, repeat: int = 1, **kwargs):
@@ -97,7 +95,8 @@ def main() -> None:
     for rank in ranks:
         for dtype in ("float32", "bfloat16"):
             out = args.workdir / f"lora-{rank}-{dtype}"
-            _, seconds = timed(to_lora, base, adapter, out, rank=rank, dtype=dtype, options=QUIET, repeat=3)
+            options = ToLoraOptions(rank=rank, dtype=dtype, force=True, progress=False)
+            _, seconds = timed(to_lora, base, adapter, out, options, repeat=3)
             ours[rank, dtype] = load_file(out / "adapter_model.safetensors")
             print(f"| vera-export to-lora | {rank} | {dtype} | {seconds:.2f} |")
     theirs, load_seconds, seconds = peft_exports(base, adapter, ranks)

@@ -61,8 +61,8 @@ def test_merge_verify_json(fixture_root, tmp_path) -> None:
         "--quiet",
     )
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
-    assert report["merge"]["folded"] == 6 and report["verify"]["passed"] is True
+    report = json.loads(result.stdout)["result"]
+    assert len(report["folded"]) == 6 and report["verification"]["passed"] is True
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
@@ -72,7 +72,7 @@ def test_verify_exit_code_and_json(fixture_root, tmp_path) -> None:
         "verify", "--base", base, "--adapter", adapter, "--merged", base, "--layers-only", "--json", "--quiet"
     )
     assert result.exit_code == 1
-    report = json.loads(result.stdout)
+    report = json.loads(result.stdout)["result"]
     assert report["passed"] is False and any(not c["passed"] for c in report["checks"])
 
 
@@ -97,14 +97,18 @@ def test_onnx_commands_as_a_pipeline_runs_them(fixture_root, tmp_path) -> None:
         "onnx", "--base", base, "--adapter", adapter, "--output", graph, "--mode", "adapter", "--json"
     )
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)["onnx"]
+    report = json.loads(result.stdout)["result"]
     assert (
-        report["mode"] == "adapter" and report["verify"]["passed"] is True and "model.onnx" in report["files"]
+        report["mode"] == "adapter"
+        and report["verification"]["passed"] is True
+        and "model.onnx" in report["files"]
     )
     assert "exporting (adapter)" in result.stderr
 
     result = run("verify", "--base", base, "--adapter", adapter, "--onnx", graph, "--json", "--quiet")
-    assert result.exit_code == 0 and json.loads(result.stdout)["passed"] is True and not result.stderr
+    assert (
+        result.exit_code == 0 and json.loads(result.stdout)["result"]["passed"] is True and not result.stderr
+    )
 
     changed = tmp_path / "changed"
     shutil.copytree(adapter, changed)
@@ -113,7 +117,7 @@ def test_onnx_commands_as_a_pipeline_runs_them(fixture_root, tmp_path) -> None:
     tensors[key] = tensors[key] * 1.5
     save_file(tensors, changed / "adapter_model.safetensors")
     result = run("verify", "--base", base, "--adapter", changed, "--onnx", graph, "--json", "--quiet")
-    assert result.exit_code == 1 and json.loads(result.stdout)["passed"] is False
+    assert result.exit_code == 1 and json.loads(result.stdout)["result"]["passed"] is False
 
     result = run(
         "onnx-adapter",
@@ -127,8 +131,7 @@ def test_onnx_commands_as_a_pipeline_runs_them(fixture_root, tmp_path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert (
-        json.loads(result.stdout)["onnx_adapter"]["bytes_written"]
-        == (tmp_path / "c.onnx_adapter").stat().st_size
+        json.loads(result.stdout)["result"]["bytes_written"] == (tmp_path / "c.onnx_adapter").stat().st_size
     )
 
 
@@ -141,7 +144,7 @@ def test_inspect_text_and_json(fixture_root) -> None:
         and "equal to what the key regenerates" in text.output
     )
     result = run("inspect", adapter, "--base", base_dir(fixture_root, "llama-qv"), "--json")
-    report = json.loads(result.stdout)
+    report = json.loads(result.stdout)["result"]
     assert result.exit_code == 0 and report["compatible"] is True
     assert report["projections"]["regenerated_equal"] is True and len(report["layers"]) == 4
 
@@ -154,7 +157,7 @@ def test_inspect_lists_every_incompatibility(fixture_root) -> None:
         base_dir(fixture_root, "gpt2-attn"),
         "--json",
     )
-    report = json.loads(result.stdout)
+    report = json.loads(result.stdout)["result"]
     assert result.exit_code == 1 and report["compatible"] is False
     assert len(report["problems"]) == 14  # every targeted layer of the Llama adapter, at once
 
@@ -279,7 +282,7 @@ def test_to_lora_and_embed_projections(fixture_root, tmp_path) -> None:
         "--json",
     )
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    report = json.loads(result.stdout)["result"]
     assert report["rank"] == 4 and not report["exact"] and 0 < report["total_truncation_error"] < 1
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert "warning:" in result.stderr  # vLLM refuses trained biases

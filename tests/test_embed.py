@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import adapter_dir, base_dir, load_peft, outputs, sample_inputs
-from vera_export import AdapterError, MergeOptions, Rounding
+from vera_export import AdapterError, EmbedOptions, Rounding
 from vera_export.embed import embed_projections
 
 WEIGHTS = "adapter_model.safetensors"
@@ -50,7 +50,7 @@ def test_other_rounding_embeds_other_projections(fixture_root, tmp_path) -> None
     name = "llama-all-noproj"
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
     embed_projections(base, adapter, tmp_path / "fma")
-    embed_projections(base, adapter, tmp_path / "separate", MergeOptions(rounding=Rounding.SEPARATE))
+    embed_projections(base, adapter, tmp_path / "separate", EmbedOptions(rounding=Rounding.SEPARATE))
     fma, separate = load_file(tmp_path / "fma" / WEIGHTS), load_file(tmp_path / "separate" / WEIGHTS)
     # vera_B (96, 16): its bound sqrt(6 / 16) is no power of two, so the two roundings of x * span + low differ.
     a, b = fma["base_model.vera_B"], separate["base_model.vera_B"]

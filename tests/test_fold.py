@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vera_export.fold import VeraDelta, _CancellationGuard, _full_float32_matmul, compute_dtype, fold, narrow
-from vera_export.verification import ulp
+from vera_export.precision import ulp
 
 
 def _exact(weight: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> list[list[Fraction]]:

@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import adapter_dir, base_dir
-from vera_export import Rounding, generate_projections, inspect
+from vera_export import InspectOptions, Rounding, generate_projections, inspect
 
 
 @pytest.mark.parametrize(
@@ -20,8 +20,8 @@ from vera_export import Rounding, generate_projections, inspect
 )
 def test_stored_projections_are_matched_to_their_key(fixture_root, name: str, expected: str) -> None:
     report = inspect(adapter_dir(fixture_root, name))
-    assert report.projections["source"] == "stored"
-    assert report.projections["regenerated_as"] == expected
+    assert report.projections.source == "stored"
+    assert report.projections.regenerated_as == expected
 
 
 def test_projections_from_an_old_cpu_and_tampered_ones(fixture_root, tmp_path) -> None:
@@ -36,20 +36,20 @@ def test_projections_from_an_old_cpu_and_tampered_ones(fixture_root, tmp_path) -
         {**tensors, "base_model.vera_A": vera_A, "base_model.vera_B": vera_B},
         adapter / "adapter_model.safetensors",
     )
-    assert inspect(adapter).projections["regenerated_as"] == "separate rounding"
+    assert inspect(adapter).projections.regenerated_as == "separate rounding"
 
     save_file({**tensors, "base_model.vera_A": vera_A * 1.5}, adapter / "adapter_model.safetensors")
     report = inspect(adapter)
-    assert report.projections["regenerated_equal"] is False and "keep them stored" in report.text()
+    assert report.projections.regenerated_equal is False and "keep them stored" in report.text()
 
 
 def test_regenerated_projection_shapes_with_base(fixture_root) -> None:
     name = "llama-all-noproj"
     report = inspect(adapter_dir(fixture_root, name), base=base_dir(fixture_root, name))
-    assert report.compatible and report.projections["source"] == "regenerated"
+    assert report.compatible and report.projections.source == "regenerated"
     # all-linear on hidden 64 / intermediate 96: max_in = 96 (down_proj), max_out = 96 (gate/up_proj).
-    assert report.projections["vera_A"] == [16, 96] and report.projections["vera_B"] == [96, 16]
-    assert all("weight_shape" in layer for layer in report.layers)
+    assert report.projections.vera_A == [16, 96] and report.projections.vera_B == [96, 16]
+    assert all(layer.weight_shape is not None for layer in report.layers)
 
 
 def test_size_of_a_pickled_adapter_and_conflicts_merge_would_refuse(fixture_root, tmp_path) -> None:
@@ -59,8 +59,8 @@ def test_size_of_a_pickled_adapter_and_conflicts_merge_would_refuse(fixture_root
     shutil.copytree(adapter_dir(fixture_root, "llama-qv"), pickled)
     torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
     (pickled / "adapter_model.safetensors").unlink()
-    report = inspect(pickled, allow_pickle=True)
-    assert report.adapter["checkpoint_bytes"] == (pickled / "adapter_model.bin").stat().st_size > 0
+    report = inspect(pickled, options=InspectOptions(allow_pickle=True))
+    assert report.checkpoint_bytes == (pickled / "adapter_model.bin").stat().st_size > 0
 
     # A tensor both adapted and replaced (as PEFT saves lm_head.base_layer.weight for an adapted lm_head): merge
     # refuses it, and inspect says so too.

@@ -50,7 +50,7 @@ def test_merge_into_matches_unmerged_forward(fixture_root, name: str) -> None:
 
 @pytest.mark.parametrize("name", ["llama-qv", "gpt2-attn", "llama-bf16-all"])
 def test_unmerge_from_restores_the_base(fixture_root, name: str) -> None:
-    from vera_export.verification import ulp
+    from vera_export.precision import ulp
 
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
     original = load_base(base)

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import adapter_dir, base_dir, load_base, load_peft, outputs, sample_inputs
-from vera_export import AdapterError, MergeOptions, OutputError, load_adapter
+from vera_export import AdapterError, OutputError, ToLoraOptions, load_adapter
+from vera_export.io.index import ShardedTensorIndex
 from vera_export.lora import balance, exact_lora_factors, server_warnings, to_lora
 from vera_export.plan import build_plan
-from vera_export.safetensors_io import ShardedTensorIndex
 
 WEIGHTS = "adapter_model.safetensors"
 # Largest output difference, relative to the largest output, by (base dtype, LoRA dtype). PEFT runs both adapters
@@ -77,7 +77,7 @@ def _factors(lora: Path, module: str) -> tuple[torch.Tensor, torch.Tensor]:
 )
 def test_lora_adapter_reproduces_vera_in_peft(fixture_root, tmp_path, name: str, dtype: torch.dtype) -> None:
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
-    report = to_lora(base, adapter, tmp_path / "lora", dtype=dtype)
+    report = to_lora(base, adapter, tmp_path / "lora", ToLoraOptions(dtype=dtype))
     lora_model, vera_model = _load_lora(base, tmp_path / "lora"), load_peft(base, [adapter])
     assert type(lora_model.peft_config["default"]).__name__ == "LoraConfig"
     inputs = sample_inputs(vera_model.config.vocab_size)
@@ -150,7 +150,7 @@ def test_factors_equal_the_vera_delta_up_to_one_rounding(fixture_root, tmp_path,
     to `dtype`, so every element of lora_B @ lora_A is within the propagated rounding bound of the exact delta
     (only lora_B's rounding where `dtype` holds the projection, as float32 always does)."""
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
-    report = to_lora(base, adapter, tmp_path / "lora", dtype=dtype)
+    report = to_lora(base, adapter, tmp_path / "lora", ToLoraOptions(dtype=dtype))
     u = torch.finfo(dtype).eps / 2
     floor = (
         torch.finfo(dtype).tiny * u
@@ -211,7 +211,7 @@ def test_one_factor_rounding_beats_rounding_both(fixture_root) -> None:
 )
 def test_rank_k_is_the_optimal_truncation(fixture_root, tmp_path, name: str, rank: int) -> None:
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
-    report = to_lora(base, adapter, tmp_path / "lora", rank=rank)
+    report = to_lora(base, adapter, tmp_path / "lora", ToLoraOptions(rank=rank))
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert (report.rank, report.exact, config["r"], config["lora_alpha"]) == (rank, False, rank, rank)
     deltas = _exact_deltas(base, adapter)
@@ -238,7 +238,7 @@ def test_rank_k_beats_peft_convert_to_lora(fixture_root, tmp_path, name: str) ->
 
     rank = 4
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
-    to_lora(base, adapter, tmp_path / "lora", rank=rank)
+    to_lora(base, adapter, tmp_path / "lora", ToLoraOptions(rank=rank))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, theirs = convert_to_lora(load_peft(base, [adapter]), rank, adapter_name="a0")
@@ -268,19 +268,19 @@ def test_rank_at_or_above_r_is_the_exact_export(fixture_root, tmp_path) -> None:
     name = "llama-qv"  # r = 8
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
     exact = to_lora(base, adapter, tmp_path / "exact")
-    above = to_lora(base, adapter, tmp_path / "above", rank=12)
+    above = to_lora(base, adapter, tmp_path / "above", ToLoraOptions(rank=12))
     assert any("above the adapter's r" in line for line in above.warnings)
     assert exact.exact and above.exact and above.rank == 8
     assert load_file(tmp_path / "exact" / WEIGHTS).keys() == load_file(tmp_path / "above" / WEIGHTS).keys()
     for key, value in load_file(tmp_path / "exact" / WEIGHTS).items():
         assert torch.equal(value, load_file(tmp_path / "above" / WEIGHTS)[key])
     with pytest.raises(ValueError, match="positive"):
-        to_lora(base, adapter, tmp_path / "zero", rank=0)
+        to_lora(base, adapter, tmp_path / "zero", ToLoraOptions(rank=0))
     with pytest.raises(ValueError, match="float64"):
-        to_lora(base, adapter, tmp_path / "f64", dtype="float64")
+        to_lora(base, adapter, tmp_path / "f64", ToLoraOptions(dtype="float64"))
     with pytest.raises(OutputError, match="not empty"):
         to_lora(base, adapter, tmp_path / "exact")
-    to_lora(base, adapter, tmp_path / "exact", options=MergeOptions(force=True, progress=False))
+    to_lora(base, adapter, tmp_path / "exact", ToLoraOptions(force=True, progress=False))
 
 
 def test_server_warnings(fixture_root, tmp_path) -> None:
@@ -327,7 +327,7 @@ def test_factors_that_overflow_float16_are_refused(fixture_root, tmp_path) -> No
     save_file(tensors, adapter / WEIGHTS, metadata={"format": "pt"})
     base = base_dir(fixture_root, name)
     with pytest.raises(AdapterError, match="overflow torch.float16"):
-        to_lora(base, adapter, tmp_path / "fp16", dtype="float16")
+        to_lora(base, adapter, tmp_path / "fp16", ToLoraOptions(dtype="float16"))
     assert not (tmp_path / "fp16").exists()
     report = to_lora(base, adapter, tmp_path / "fp32")
     assert report.max_rounding_error < 2.0**-24

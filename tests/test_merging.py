@@ -22,10 +22,18 @@ from tests.helpers import (
     outputs,
     sample_inputs,
 )
-from vera_export import IncompatibleAdapterError, MergeOptions, load_adapter, merge, merge_into, unmerge
+from vera_export import (
+    IncompatibleAdapterError,
+    MergeOptions,
+    UnmergeOptions,
+    load_adapter,
+    merge,
+    merge_into,
+    unmerge,
+)
+from vera_export.io.index import ShardedTensorIndex
 from vera_export.plan import build_plan
-from vera_export.safetensors_io import ShardedTensorIndex
-from vera_export.verification import ulp
+from vera_export.precision import ulp
 
 QUIET = MergeOptions(progress=False)
 
@@ -134,7 +142,7 @@ def test_two_adapters_fold_in_order_with_one_rounding(fixture_root, tmp_path) ->
 def test_unmerge_round_trip(fixture_root, tmp_path, name: str) -> None:
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
     merge(base, [adapter], tmp_path / "merged", QUIET)
-    report = unmerge(tmp_path / "merged", [adapter], tmp_path / "restored", QUIET)
+    report = unmerge(tmp_path / "merged", [adapter], tmp_path / "restored", UnmergeOptions(progress=False))
     before, merged, restored = _tensors(base), _tensors(tmp_path / "merged"), _tensors(tmp_path / "restored")
     replaced = set(load_adapter(adapter).replacements)
     assert bool(replaced) == any("cannot be recovered" in w for w in report.warnings)

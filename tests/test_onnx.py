@@ -20,20 +20,24 @@ import torch
 
 from fixtures.build import ADAPTERS, randomize_trainables
 from tests.helpers import adapter_dir, base_dir, load_base, load_peft
-from vera_export import AdapterError, CheckpointError, IncompatibleAdapterError, OutputError
-from vera_export.onnx_export import OnnxOptions, OnnxReport, _resolve, resolve_task, session, verify_onnx
-from vera_export.onnx_export import onnx as export_onnx
-from vera_export.ort_adapter import (
-    MANIFEST_NAME,
-    VERA_A,
-    VERA_B,
-    Manifest,
-    lambda_input,
-    onnx_adapter,
-    tensor_input,
+from vera_export import (
+    AdapterError,
+    CheckpointError,
+    IncompatibleAdapterError,
+    OnnxAdapterOptions,
+    OnnxOptions,
+    OutputError,
+    load_adapter,
 )
+from vera_export.io.index import ShardedTensorIndex
+from vera_export.onnx.adapter_file import onnx_adapter
+from vera_export.onnx.export import OnnxReport, export_onnx, resolve_task
+from vera_export.onnx.manifest import MANIFEST_NAME, Manifest
+from vera_export.onnx.modes import MODES
+from vera_export.onnx.runtime import session
+from vera_export.onnx.signature import VERA_A, VERA_B, lambda_input, tensor_input
+from vera_export.onnx.verify import verify_onnx
 from vera_export.projections import Rounding, generate_projections
-from vera_export.safetensors_io import ShardedTensorIndex
 
 # Float32 graph against PEFT's float32 model: the two round differently, by a few float32 roundoffs of outputs of
 # magnitude about 1 (3e-7 at most here). The adapters move the outputs by more than 1e-2 (checked below).
@@ -323,7 +327,7 @@ def test_adapter_file_refuses_missing_tensors_merged_graphs_and_existing_files(
     before = graph.read_bytes()
     for inside in (graph, qv / "x.onnx_adapter"):
         with pytest.raises(OutputError, match="overlaps the input"):
-            onnx_adapter(exports["llama-adapter"].directory, qv, inside, force=True)
+            onnx_adapter(exports["llama-adapter"].directory, qv, inside, OnnxAdapterOptions(force=True))
     assert graph.read_bytes() == before and not (qv / "x.onnx_adapter").exists()
 
 
@@ -384,15 +388,18 @@ def test_refusals_before_any_export(fixture_root, tmp_path) -> None:
     [("llama-qv", "causal-lm"), ("gpt2-attn", "causal-lm"), ("bert-cls", "sequence-classification")],
 )
 def test_task_from_architecture(fixture_root, fixture: str, task: str) -> None:
-    assert resolve_task(base_dir(fixture_root, fixture), "auto") == task
-    assert resolve_task(base_dir(fixture_root, fixture), "feature-extraction") == "feature-extraction"
+    assert resolve_task(base_dir(fixture_root, fixture), "auto").name == task
+    assert resolve_task(base_dir(fixture_root, fixture), "feature-extraction").name == "feature-extraction"
 
 
 def test_16bit_base_projections_are_peft_s(fixture_root) -> None:
     """On a bfloat16 base, the graph's projections are the ones PEFT's bfloat16 model trained with."""
     name = "llama-bf16-all"
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
-    (pinned,), _ = _resolve(ShardedTensorIndex.from_dir(base), [adapter], False, Rounding.FMA, "adapter")
+    resolution = MODES["adapter"].resolve(
+        ShardedTensorIndex.from_dir(base), [load_adapter(adapter)], Rounding.FMA
+    )
+    (pinned,) = resolution.adapters
     peft_model = load_peft(base, [adapter]).base_model
     assert torch.equal(pinned.vera_A, peft_model.vera_A["a0"].float())
     assert torch.equal(pinned.vera_B, peft_model.vera_B["a0"].float())
@@ -402,10 +409,14 @@ def test_16bit_base_projections_are_peft_s(fixture_root) -> None:
     assert not torch.equal(raw_A, pinned.vera_A)
 
 
-@pytest.mark.parametrize("first", ["", "from vera_export import onnx; "], ids=["alone", "after onnx"])
+@pytest.mark.parametrize(
+    "first",
+    ["", "import vera_export.onnx.export; ", "from vera_export import onnx; "],
+    ids=["alone", "after the module", "after the package"],
+)
 def test_top_level_onnx_names_are_the_functions(first: str) -> None:
     """The ONNX names load lazily; whatever was imported first, each is the function, never a submodule."""
-    names = "onnx, onnx_adapter, verify_onnx"
+    names = "export_onnx, onnx_adapter, verify_onnx"
     code = f"{first}from vera_export import {names}; assert all(callable(f) for f in ({names}))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -26,29 +26,24 @@ from torch import nn
 
 from fixtures.build import ADAPTERS, randomize_trainables
 from tests.helpers import adapter_dir, base_dir, load_base, load_peft
-from vera_export import AdapterError, CheckpointError, IncompatibleAdapterError
-from vera_export.bank import RowSelectedLayerNorm, RowSelectedLinear, RowSelection, VeraBankLinear
+from vera_export import AdapterError, CheckpointError, IncompatibleAdapterError, OnnxOptions
 from vera_export.layers import VeraLinear
-from vera_export.onnx_export import (
-    _ORT_ERRORS,
+from vera_export.onnx.adapter_file import onnx_adapter
+from vera_export.onnx.bank import RowSelectedLayerNorm, RowSelectedLinear, RowSelection, VeraBankLinear
+from vera_export.onnx.export import OnnxReport, export_onnx
+from vera_export.onnx.graph import INDEX_GUARD
+from vera_export.onnx.manifest import MANIFEST_NAME, Manifest
+from vera_export.onnx.runtime import ORT_ERRORS as _ORT_ERRORS
+from vera_export.onnx.runtime import session
+from vera_export.onnx.signature import (
     ADAPTER_INDEX,
-    INDEX_GUARD,
-    OnnxOptions,
-    OnnxReport,
-    session,
-    verify_onnx,
-)
-from vera_export.onnx_export import onnx as export_onnx
-from vera_export.ort_adapter import (
     ADAPTERS_AXIS,
-    MANIFEST_NAME,
     VERA_A,
     VERA_B,
-    Manifest,
     lambda_input,
-    onnx_adapter,
     tensor_input,
 )
+from vera_export.onnx.verify import verify_onnx
 
 # As in test_onnx: ONNX Runtime's float32 graph against PEFT's float32 model differ by a few float32 roundoffs of
 # outputs of magnitude about 1. Each adapter moves the outputs by more than 1e-2 from every other (checked below).

@@ -69,8 +69,8 @@ def test_separate_rounding_matches_torch_without_avx2(tmp_path) -> None:
 def test_regenerated_projections_match_peft_loading(fixture_root, name: str) -> None:
     """PEFT regenerates projections sized by the targeted layers when it loads; so do we."""
     from vera_export.adapter import load_adapter
+    from vera_export.io.index import ShardedTensorIndex
     from vera_export.plan import build_plan
-    from vera_export.safetensors_io import ShardedTensorIndex
 
     adapter = load_adapter(adapter_dir(fixture_root, name))
     index = ShardedTensorIndex.from_dir(base_dir(fixture_root, name))

@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import adapter_dir, base_dir, restore_sigint
-from vera_export import MergeOptions, VeraExportError, load_adapter, verify
+from vera_export import VeraExportError, VerifyOptions, load_adapter, verify
 from vera_export.cli import main
+from vera_export.io.index import ShardedTensorIndex
+from vera_export.io.writer import SafetensorsWriter
 from vera_export.plan import build_plan
-from vera_export.safetensors_io import ShardedTensorIndex
-from vera_export.safetensors_writer import SafetensorsWriter
 
 ADAPTER = "llama-qv"
 
@@ -355,7 +355,7 @@ def test_a_signal_during_the_swap_waits_for_it_to_finish(work, monkeypatch, sigi
         os.kill(os.getpid(), signal.SIGINT)  # held until the swap is done
         real_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr("vera_export.outputs.shutil.rmtree", interrupted_rmtree)
+    monkeypatch.setattr("vera_export.io.outputs.shutil.rmtree", interrupted_rmtree)
     result = _merge(tmp_path, base, adapter, "--force")
     assert result.exit_code == 128 + signal.SIGINT and "nothing partial" in result.stderr
     assert not (output / "previous.txt").exists()
@@ -506,7 +506,7 @@ def test_racing_merges_one_wins_cleanly(big_pair, tmp_path) -> None:
     loser = next(stderr for code, stderr in results if code == 2)
     assert "another process" in loser or "exists and is not empty" in loser
     assert not list(tmp_path.glob(".out.tmp-*"))
-    assert verify(base, [adapter], output, full_model=False, options=MergeOptions(progress=False)).passed
+    assert verify(base, [adapter], output, VerifyOptions(full_model=False, progress=False)).passed
 
 
 _ANY = st.one_of(

@@ -18,20 +18,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, safe_open, save_file
 
-from vera_export import safetensors_writer
 from vera_export.errors import CheckpointError
-from vera_export.safetensors_io import (
-    INDEX_NAME,
+from vera_export.io import writer as safetensors_writer
+from vera_export.io.header import (
     MAX_HEADER_BYTES,
     SAFETENSORS_DTYPES,
-    LazyTensorLoader,
-    ShardedTensorIndex,
     TensorInfo,
     dtype_to_safetensors,
-    load_tensors,
     read_header,
 )
-from vera_export.safetensors_writer import SafetensorsWriter, write_index
+from vera_export.io.index import INDEX_NAME, ShardedTensorIndex
+from vera_export.io.loader import LazyTensorLoader, load_tensors
+from vera_export.io.writer import SafetensorsWriter, write_index
 
 UP = "model.layers.0.mlp.up_proj.weight"
 SHAPES = [(), (0,), (3, 0), (2, 3)]

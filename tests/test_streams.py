@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from vera_export.streams import BackgroundSink, prefetch
+from vera_export.io.streams import BackgroundSink, prefetch
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from vera_export.adapter import VeraConfig
+from vera_export.config import VeraConfig
 from vera_export.targets import is_targeted
 
 MODULES = [

@@ -10,21 +10,24 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import adapter_dir, base_dir, load_peft
-from vera_export import MergeOptions, merge, verify
-from vera_export.verification import ulp
+from vera_export import MergeOptions, VerifyOptions, merge, verify
+from vera_export.precision import ulp
+from vera_export.reports import to_json
 
 QUIET = MergeOptions(progress=False)
+FULL = VerifyOptions(full_model=True, progress=False)
+LAYERS = VerifyOptions(full_model=False, progress=False)
 
 
 @pytest.mark.parametrize("name", ["llama-qv", "llama-bf16-all", "gpt2-attn", "bert-cls", "llama-fp16-qv"])
 def test_verify_passes_our_merge(fixture_root, tmp_path, name: str) -> None:
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
     merge(base, [adapter], tmp_path / "out", QUIET)
-    report = verify(base, [adapter], tmp_path / "out", full_model=True, options=QUIET)
+    report = verify(base, [adapter], tmp_path / "out", FULL)
     assert report.passed, [c.line() for c in report.checks if not c.passed]
     names = [c.name for c in report.checks]
     assert any(n.startswith("layer ") for n in names) and any(n.startswith("model ") for n in names)
-    assert report.to_json()["passed"] is True
+    assert to_json(report)["passed"] is True
 
 
 def test_verify_passes_peft_merge(fixture_root, tmp_path) -> None:
@@ -34,7 +37,7 @@ def test_verify_passes_peft_merge(fixture_root, tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         load_peft(base, [adapter]).merge_and_unload().save_pretrained(tmp_path / "peft")
-    assert verify(base, [adapter], tmp_path / "peft", full_model=True, options=QUIET).passed
+    assert verify(base, [adapter], tmp_path / "peft", FULL).passed
 
 
 def _corrupt(path, key, change) -> None:
@@ -56,7 +59,7 @@ def test_verify_catches_a_broken_layer(fixture_root, tmp_path, change) -> None:
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
     merge(base, [adapter], tmp_path / "out", QUIET)
     _corrupt(tmp_path / "out" / "model.safetensors", "model.layers.1.self_attn.q_proj.weight", change)
-    report = verify(base, [adapter], tmp_path / "out", full_model=False, options=QUIET)
+    report = verify(base, [adapter], tmp_path / "out", LAYERS)
     failed = [c.name for c in report.checks if not c.passed]
     assert failed == ["layer model.layers.1.self_attn.q_proj"]
 
@@ -72,7 +75,7 @@ def test_verify_catches_one_lambda_one_percent_off_in_16_bit(fixture_root, tmp_p
     tensors[key][1] *= 1.01
     save_file(tensors, wrong / "adapter_model.safetensors", metadata={"format": "pt"})
     merge(base, [wrong], tmp_path / "out", QUIET)
-    report = verify(base, [adapter], tmp_path / "out", full_model=True, options=QUIET)
+    report = verify(base, [adapter], tmp_path / "out", FULL)
     module = key.removeprefix("base_model.model.").removesuffix(".vera_lambda_b")
     assert [c.name for c in report.checks if not c.passed] == [f"layer {module}"]
 
@@ -81,7 +84,7 @@ def test_verify_catches_a_missing_adapter(fixture_root, tmp_path) -> None:
     """The base itself, offered as the merge of an adapter, fails every layer and the model outputs."""
     name = "llama-bf16-all"
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
-    report = verify(base, [adapter], base, full_model=True, options=QUIET)
+    report = verify(base, [adapter], base, FULL)
     assert not report.passed
     assert all(not c.passed for c in report.checks if c.name.startswith(("layer", "model")))
 
@@ -92,8 +95,8 @@ def test_verify_catches_wrong_replaced_tensor_and_structure(fixture_root, tmp_pa
     merge(base, [adapter], tmp_path / "out", QUIET)
     shutil.copytree(tmp_path / "out", tmp_path / "bad")
     _corrupt(tmp_path / "bad" / "model.safetensors", "classifier.weight", lambda w: w * 0)
-    report = verify(base, [adapter], tmp_path / "bad", full_model=False, options=QUIET)
+    report = verify(base, [adapter], tmp_path / "bad", LAYERS)
     assert [c.name for c in report.checks if not c.passed] == ["replaced classifier.weight"]
     _corrupt(tmp_path / "bad" / "model.safetensors", "classifier.bias", lambda b: b.half())
-    report = verify(base, [adapter], tmp_path / "bad", full_model=False, options=QUIET)
+    report = verify(base, [adapter], tmp_path / "bad", LAYERS)
     assert not report.passed and "classifier.bias" in report.checks[0].detail

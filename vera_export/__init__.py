@@ -1,7 +1,16 @@
-"""Merge, verify and export PEFT VeRA adapters without PEFT."""
+"""Merge, verify and export PEFT VeRA adapters without PEFT.
 
-from .adapter import VeraAdapter, VeraConfig, load_adapter
-from .embed import EmbedReport, embed_projections
+Every `vera-export` command is a function here with the command's name (`to-lora` is `to_lora`; `onnx` is
+`export_onnx`, since `vera_export.onnx` is the ONNX subpackage; `verify --onnx` is `verify_onnx`), taking the
+command's inputs and its options dataclass, and returning a report (see `reports`).
+
+Importing this package loads neither torch nor ONNX: every name loads its module on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
 from .errors import (
     AdapterError,
     CheckpointError,
@@ -10,40 +19,84 @@ from .errors import (
     VeraExportError,
     VeraExportWarning,
 )
-from .inspection import inspect
-from .layers import VeraLinear, apply_vera, merge_into, unmerge_from
-from .lora import LoraLayer, LoraReport, to_lora
-from .merging import merge, unmerge
-from .options import MergeOptions, OnnxOptions
-from .projections import Rounding, generate_projections
-from .verification import verify
+from .options import (
+    EmbedOptions,
+    InspectOptions,
+    MergeOptions,
+    OnnxAdapterOptions,
+    OnnxOptions,
+    Rounding,
+    ToLoraOptions,
+    UnmergeOptions,
+    VerifyOnnxOptions,
+    VerifyOptions,
+)
+
+# Public name -> the module that defines it.
+_LAZY = {
+    "VeraAdapter": "adapter",
+    "load_adapter": "adapter",
+    "VeraConfig": "config",
+    "EmbedReport": "embed",
+    "embed_projections": "embed",
+    "InspectReport": "inspection",
+    "inspect": "inspection",
+    "VeraLinear": "layers",
+    "apply_vera": "layers",
+    "merge_into": "layers",
+    "unmerge_from": "layers",
+    "LoraLayer": "lora",
+    "LoraReport": "lora",
+    "to_lora": "lora",
+    "MergeReport": "merging",
+    "merge": "merging",
+    "unmerge": "merging",
+    "generate_projections": "projections",
+    "VerifyReport": "verification",
+    "verify": "verification",
+    "OnnxReport": "onnx.export",
+    "export_onnx": "onnx.export",
+    "OnnxAdapterReport": "onnx.adapter_file",
+    "onnx_adapter": "onnx.adapter_file",
+    "verify_onnx": "onnx.verify",
+}
 
 __all__ = [
     "AdapterError",
     "CheckpointError",
+    "EmbedOptions",
     "EmbedReport",
     "IncompatibleAdapterError",
+    "InspectOptions",
+    "InspectReport",
     "LoraLayer",
     "LoraReport",
     "MergeOptions",
+    "MergeReport",
+    "OnnxAdapterOptions",
     "OnnxAdapterReport",
     "OnnxOptions",
     "OnnxReport",
     "OutputError",
     "Rounding",
+    "ToLoraOptions",
+    "UnmergeOptions",
     "VeraAdapter",
     "VeraConfig",
     "VeraExportError",
     "VeraExportWarning",
     "VeraLinear",
+    "VerifyOnnxOptions",
+    "VerifyOptions",
+    "VerifyReport",
     "apply_vera",
     "embed_projections",
+    "export_onnx",
     "generate_projections",
     "inspect",
     "load_adapter",
     "merge",
     "merge_into",
-    "onnx",
     "onnx_adapter",
     "to_lora",
     "unmerge",
@@ -52,19 +105,14 @@ __all__ = [
     "verify_onnx",
 ]
 
-# ONNX's libraries take seconds to import; they load on first use of these names.
-_LAZY = {
-    "OnnxAdapterReport": "ort_adapter",
-    "onnx_adapter": "ort_adapter",
-    "OnnxReport": "onnx_export",
-    "onnx": "onnx_export",
-    "verify_onnx": "onnx_export",
-}
-
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # once loaded, a plain attribute
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,4 +1,4 @@
-"""Read a PEFT VeRA adapter directory: `adapter_config.json` and its tensors, without PEFT.
+"""Read a PEFT VeRA adapter directory, its config (see `config`) and its tensors, without PEFT.
 
 The checkpoint layout (PEFT's `get_peft_model_state_dict` for VeRA, adapter name removed):
 
@@ -12,95 +12,24 @@ The checkpoint layout (PEFT's `get_peft_model_state_dict` for VeRA, adapter name
 
 from __future__ import annotations
 
-import json
-import re
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .config import CONFIG_NAME, VeraConfig, read_config
 from .errors import AdapterError
-from .safetensors_io import ShardedTensorIndex, load_tensors
+from .io.index import ShardedTensorIndex
+from .io.loader import load_tensors
+from .io.locations import Kind, locate
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 
 _MODEL_PREFIX = "base_model.model."
 PROJECTION_KEYS = {"vera_A": "base_model.vera_A", "vera_B": "base_model.vera_B"}
-_BIAS_CHOICES = ("none", "all", "vera_only")
-
-
-@dataclass(frozen=True)
-class VeraConfig:
-    """The fields of `adapter_config.json` that decide what the adapter computes."""
-
-    r: int
-    target_modules: tuple[str, ...] | str
-    projection_prng_key: int = 0
-    save_projection: bool = True
-    fan_in_fan_out: bool = False
-    bias: str = "none"
-    modules_to_save: tuple[str, ...] = ()
-    layers_to_transform: tuple[int, ...] | int | None = None
-    layers_pattern: tuple[str, ...] | None = None
-    task_type: str | None = None
-    base_model_name_or_path: str | None = None
-
-    @classmethod
-    def from_json(cls, path: Path) -> VeraConfig:
-        """Parse and validate an `adapter_config.json`, raising `AdapterError` that names the field."""
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise AdapterError(
-                f"{path.parent}: no {CONFIG_NAME}; point --adapter at a PEFT adapter directory"
-            ) from None
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise AdapterError(
-                f"{path}: not a readable JSON file ({exc}); re-save the adapter with PEFT"
-            ) from None
-        if not isinstance(raw, dict):
-            raise AdapterError(f"{path}: expected a JSON object, found {type(raw).__name__}")
-
-        peft_type = raw.get("peft_type")
-        if peft_type != "VERA":
-            raise AdapterError(
-                f"{path}: peft_type is {peft_type!r}, expected 'VERA'; vera-export only handles VeRA adapters"
-            )
-        fields = _ConfigFields(path, raw)
-        config = cls(
-            r=fields.positive_int("r", 256),
-            target_modules=fields.target_modules(),
-            projection_prng_key=fields.int("projection_prng_key", 0),
-            save_projection=fields.bool("save_projection", True),
-            fan_in_fan_out=fields.bool("fan_in_fan_out", False),
-            bias=fields.choice("bias", _BIAS_CHOICES, "none"),
-            modules_to_save=tuple(dict.fromkeys(fields.str_list("modules_to_save") or ())),
-            layers_to_transform=fields.layers_to_transform(),
-            layers_pattern=fields.str_list("layers_pattern")
-            if raw.get("layers_pattern")
-            else None,  # PEFT: "", [] = none
-            task_type=fields.optional_str("task_type"),
-            base_model_name_or_path=fields.optional_str("base_model_name_or_path"),
-        )
-        # PEFT matches these as regular expressions; a malformed one must fail here, not mid-merge.
-        patterns = (
-            [("target_modules", config.target_modules)] if isinstance(config.target_modules, str) else []
-        )
-        patterns += [("modules_to_save", rf"(^|.*\.){m}($|\..*)") for m in config.modules_to_save]
-        patterns += [
-            ("layers_pattern", rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.") for p in config.layers_pattern or ()
-        ]
-        for key, pattern in patterns:
-            try:
-                re.compile(pattern)
-            except (re.error, RecursionError, OverflowError) as exc:
-                raise AdapterError(
-                    f"{path}: field {key!r} is not a valid regular expression ({exc})"
-                ) from None
-        return config
 
 
 @dataclass(frozen=True)
@@ -112,9 +41,11 @@ class VeraLayer:
     lambda_d: torch.Tensor
 
 
-@dataclass
+@dataclass(eq=False)  # an adapter is itself: compared and hashed by identity, whatever its path
 class VeraAdapter:
-    """A loaded VeRA adapter: config, per-layer lambdas, stored projections and tensors that replace the base's.
+    """A loaded VeRA adapter: what it computes, and everything read from its directory.
+
+    Later steps need nothing else: nothing re-reads an adapter once it is loaded.
 
     Attributes:
         path: The adapter directory.
@@ -123,6 +54,9 @@ class VeraAdapter:
         vera_A: The stored projection (r, max_in), or None when the checkpoint does not carry it.
         vera_B: The stored projection (max_out, r), or None.
         replacements: Base tensor name -> trained tensor (biases, `modules_to_save`), in the adapter's dtype.
+        raw_config: `adapter_config.json` as read, every field included.
+        tensors: Every tensor of the checkpoint under its key and in its dtype, as stored.
+        weights_file: The file the tensors were read from.
         warnings: Things worth telling the user that do not stop a merge.
     """
 
@@ -132,6 +66,9 @@ class VeraAdapter:
     vera_A: torch.Tensor | None
     vera_B: torch.Tensor | None
     replacements: dict[str, torch.Tensor]
+    raw_config: dict[str, Any] = field(default_factory=dict, repr=False)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    weights_file: Path | None = None
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -142,6 +79,10 @@ class VeraAdapter:
         """Lambdas plus replaced tensors: what training updated."""
         vectors = sum(layer.lambda_b.numel() + layer.lambda_d.numel() for layer in self.layers.values())
         return vectors + sum(t.numel() for t in self.replacements.values())
+
+    def with_projections(self, vera_A: torch.Tensor, vera_B: torch.Tensor) -> VeraAdapter:
+        """A copy that holds `vera_A` / `vera_B` as if they were stored (see `plan.pin_projections`)."""
+        return dataclasses.replace(self, vera_A=vera_A, vera_B=vera_B)
 
 
 def load_adapter(path: str | Path | VeraAdapter, allow_pickle: bool = False) -> VeraAdapter:
@@ -157,21 +98,19 @@ def load_adapter(path: str | Path | VeraAdapter, allow_pickle: bool = False) -> 
     """
     if isinstance(path, VeraAdapter):
         return path
-    path = Path(path)
-    if not path.is_dir():
-        raise AdapterError(
-            f"{path}: adapter directory does not exist; point --adapter at a PEFT adapter directory"
-        )
-    config = VeraConfig.from_json(path / CONFIG_NAME)
-    tensors = read_adapter_tensors(path, allow_pickle)
-    return _assemble(path, config, tensors)
+    path = locate(path, Kind.ADAPTER)
+    raw_config = read_config(path / CONFIG_NAME)
+    config = VeraConfig.from_raw(path / CONFIG_NAME, raw_config)
+    weights_file, tensors = read_adapter_tensors(path, allow_pickle)
+    return _assemble(path, config, raw_config, weights_file, tensors)
 
 
-def read_adapter_tensors(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Every tensor of an adapter directory under its checkpoint key (safetensors, or pickle if allowed)."""
+def read_adapter_tensors(path: Path, allow_pickle: bool = False) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The weights file of an adapter directory and every tensor in it under its checkpoint key (safetensors,
+    or pickle if allowed)."""
     weights = path / WEIGHTS_NAME
     if weights.is_file():
-        return load_tensors(ShardedTensorIndex.from_file(weights))
+        return weights, load_tensors(ShardedTensorIndex.from_file(weights))
     pickled = path / PICKLE_WEIGHTS_NAME
     if not pickled.is_file():
         raise AdapterError(f"{path}: no {WEIGHTS_NAME}; the adapter directory is incomplete")
@@ -188,11 +127,12 @@ def read_adapter_tensors(path: Path, allow_pickle: bool = False) -> dict[str, to
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise AdapterError(f"{pickled}: expected a dict of tensors")
-    return state
+    return pickled, state
 
 
-def _assemble(path: Path, config: VeraConfig, tensors: dict[str, torch.Tensor]) -> VeraAdapter:
-    file = path / WEIGHTS_NAME
+def _assemble(
+    path: Path, config: VeraConfig, raw_config: dict[str, Any], file: Path, tensors: dict[str, torch.Tensor]
+) -> VeraAdapter:
     problems: list[str] = []
     lambdas: dict[str, dict[str, torch.Tensor]] = {}
     projections: dict[str, torch.Tensor] = {}
@@ -267,78 +207,10 @@ def _assemble(path: Path, config: VeraConfig, tensors: dict[str, torch.Tensor]) 
 
     if problems:
         raise AdapterError(f"{file}: " + "; ".join(problems))
-    return VeraAdapter(path, config, layers, vera_A, vera_B, replacements, notes)
+    return VeraAdapter(path, config, layers, vera_A, vera_B, replacements, raw_config, tensors, file, notes)
 
 
 def _as_float32(tensor: torch.Tensor) -> torch.Tensor:
     """PEFT holds lambdas and projections in float32 parameters and buffers, so other float dtypes load rounded
     (float64) or widened (16-bit) to float32; the fold's exactness rests on it."""
     return tensor.float() if tensor.is_floating_point() else tensor
-
-
-class _ConfigFields:
-    """Typed access to `adapter_config.json` fields with errors that name the field."""
-
-    def __init__(self, path: Path, raw: dict[str, Any]) -> None:
-        self.path, self.raw = path, raw
-
-    def _fail(self, key: str, expected: str) -> AdapterError:
-        return AdapterError(f"{self.path}: field {key!r} is {self.raw[key]!r}, expected {expected}")
-
-    def int(self, key: str, default: int) -> int:
-        value = self.raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self._fail(key, "an integer")
-        return value
-
-    def positive_int(self, key: str, default: int) -> int:
-        value = self.int(key, default)
-        if value <= 0:
-            raise self._fail(key, "a positive integer")
-        return value
-
-    def bool(self, key: str, default: bool) -> bool:
-        value = self.raw.get(key, default)
-        if not isinstance(value, bool):
-            raise self._fail(key, "true or false")
-        return value
-
-    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
-        value = self.raw.get(key, default)
-        if value not in choices:
-            raise self._fail(key, " or ".join(repr(c) for c in choices))
-        return value
-
-    def optional_str(self, key: str) -> str | None:
-        value = self.raw.get(key)
-        if value is not None and not isinstance(value, str):
-            raise self._fail(key, "a string or null")
-        return value
-
-    def str_list(self, key: str) -> tuple[str, ...] | None:
-        value = self.raw.get(key)
-        if value is None:
-            return None
-        if isinstance(value, str):
-            return (value,)
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self._fail(key, "a list of strings")
-        return tuple(value)
-
-    def target_modules(self) -> tuple[str, ...] | str:
-        value = self.raw.get("target_modules")
-        if isinstance(value, str) and value:
-            return value
-        if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
-            return tuple(sorted(set(value)))
-        if value is None or value == []:
-            raise AdapterError(f"{self.path}: 'target_modules' is missing; the adapter config is incomplete")
-        raise self._fail("target_modules", "a regex string or a list of module names")
-
-    def layers_to_transform(self) -> tuple[int, ...] | int | None:
-        value = self.raw.get("layers_to_transform")
-        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
-            return value
-        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return tuple(value)
-        raise self._fail("layers_to_transform", "an integer, a list of integers or null")

@@ -1,26 +1,26 @@
-"""`vera-export`: each subcommand parses its arguments and calls one library function."""
+"""`vera-export`: each subcommand parses its arguments and calls one library function; the report prints itself.
+
+Options come from the frozen dataclasses in `options` (one per command), so flags and Python API cannot drift.
+Every command takes `--json` (the envelope of `reports.envelope` on stdout, errors included) and `--debug`
+(tracebacks instead of one-line errors). Nothing here imports torch or ONNX before a command runs.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
-from .embed import embed_projections
+from . import options as opts
 from .errors import VeraExportError, VeraExportWarning
-from .inspection import inspect
-from .lora import DTYPES, to_lora
-from .merging import merge, unmerge
-from .options import MAX_OPSET, MIN_OPSET, MODES, TASKS, MergeOptions, OnnxOptions
-from .projections import Rounding
-from .verification import verify
-
-EXIT_FAILED = 1  # verification ran and failed
-EXIT_ERROR = 2  # bad input: one line on stderr, no traceback
+from .reports import EXIT_ERROR, EXIT_FAILED, EXIT_OK, Report, envelope, message
 
 
 class _Terminated(BaseException):
@@ -31,25 +31,50 @@ def _terminate(signum: int, frame) -> None:
     raise _Terminated(signum)
 
 
-class _Group(click.Group):
-    """Turns expected errors into one line on stderr and exit code 2; `--debug` keeps the traceback.
+def _emit(command: str, as_json: bool, **fields: Any) -> None:
+    if as_json:
+        click.echo(json.dumps(envelope(command, **fields), indent=2, allow_nan=False))
 
-    A signal that stops the run (SIGINT, SIGTERM, SIGHUP) exits 128 + its number, after staged outputs are removed.
+
+class _Command(click.Command):
+    """Runs the callback, which returns a report, then prints it (text, or the JSON envelope) and exits with its
+    code: 0 ok, 1 a check failed, 2 bad input (one `error:` line on stderr), 128 + N stopped by signal N.
+
+    Args:
+        options_class: The command's options dataclass: its fields become flags, and the callback receives the
+            instance as `options`.
     """
 
-    def invoke(self, ctx: click.Context):
-        debug = ctx.params.get("debug", False)
+    def __init__(self, *args: Any, options_class: type | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.options_class = options_class
+
+    def invoke(self, ctx: click.Context) -> None:
+        as_json = ctx.params.pop("as_json")
+        debug = ctx.params.pop("debug") or ctx.find_root().params.get("debug", False)
+        if self.options_class is not None:
+            ctx.params["options"] = build_options(self.options_class, ctx.params)
+        quiet = not getattr(ctx.params.get("options"), "progress", True)
+        raised: list[str] = []
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            # Our own warnings become one line each; other libraries' chatter stays out of the way.
+            if issubclass(category, VeraExportWarning):
+                raised.append(str(message))
+                click.echo(f"warning: {message}", err=True)
+
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _terminate)
         with warnings.catch_warnings():
             warnings.simplefilter("always")
-            warnings.showwarning = _show_warning
+            warnings.showwarning = show
             try:
-                return super().invoke(ctx)
+                report: Report = super().invoke(ctx)
             except VeraExportError as exc:
                 if debug:
                     raise
-                click.echo(f"error: {exc}", err=True)
+                click.echo(f"error: {message(exc)}", err=True)
+                _emit(self.name, as_json, error=exc, warnings=raised)
                 ctx.exit(EXIT_ERROR)
             except (_Terminated, KeyboardInterrupt) as exc:
                 signum = exc.args[0] if isinstance(exc, _Terminated) else signal.SIGINT
@@ -57,65 +82,97 @@ class _Group(click.Group):
                 click.echo(
                     f"error: stopped by {name}; nothing partial was left under the output name", err=True
                 )
+                _emit(self.name, as_json, error=exc, exit_code=128 + signum, warnings=raised)
                 ctx.exit(128 + signum)
+        for line in report.warnings:
+            click.echo(f"warning: {line}", err=True)
+        if as_json:
+            _emit(self.name, True, report=report, warnings=raised)
+        else:
+            click.echo(report.text(quiet))
+        ctx.exit(EXIT_OK if report.ok else EXIT_FAILED)
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    # Our own warnings become one line each; other libraries' chatter stays out of the way.
-    if issubclass(category, VeraExportWarning):
-        click.echo(f"warning: {message}", err=True)
+def build_options(cls: type, params: dict[str, Any]) -> Any:
+    """An instance of the options dataclass `cls` from the parsed flags (removed from `params`)."""
+    values = {}
+    for f in opts.option_fields(cls):
+        value = params.pop(f.name)
+        if f.metadata["negate"]:
+            value = not value
+        if f.name == "rounding":
+            value = opts.Rounding(value)
+        values[f.name] = value
+    return cls(**values)
 
 
-def _warn(lines: list[str]) -> None:
-    for line in lines:
-        click.echo(f"warning: {line}", err=True)
+def option_flags(f: dataclasses.Field) -> click.Option:
+    """The click option of one options field (see `options.flag`)."""
+    meta = f.metadata
+    name = meta["flag"] or "--" + f.name.replace("_", "-")
+    kwargs: dict[str, Any] = {"help": meta["help"]}
+    if meta["negate"] or (f.type in ("bool",) and not f.default):
+        kwargs["is_flag"] = True
+        default = False
+    elif f.type in ("bool", "bool | None"):
+        if "/" not in name:
+            name = f"{name}/--no-{name.removeprefix('--')}"
+        default = f.default
+    else:
+        default = f.default.value if isinstance(f.default, opts.Rounding) else f.default
+        kwargs["show_default"] = default is not None
+        if meta["choices"]:
+            kwargs["type"] = click.Choice(meta["choices"])
+        elif meta["minimum"] is not None:
+            kwargs["type"] = click.IntRange(meta["minimum"], meta["maximum"])
+        elif f.type == "str":
+            kwargs["type"] = str
+    return click.Option([name, f.name], default=default, **kwargs)
 
 
-_path = click.Path(path_type=Path)
-_adapters = click.option(
-    "--adapter",
-    "adapters",
-    multiple=True,
-    required=True,
-    type=_path,
-    help="PEFT VeRA adapter directory; repeat for several (folded in order, or a bank's rows in order).",
-)
-_quiet = click.option("--quiet", is_flag=True, help="No progress bar.")
-_json = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
-_allow_pickle = click.option(
-    "--allow-pickle",
-    is_flag=True,
-    help="Read adapter_model.bin with torch.load(weights_only=True) if there is no safetensors.",
-)
-_rounding = click.option(
-    "--rounding",
-    type=click.Choice([r.value for r in Rounding]),
-    default=Rounding.FMA.value,
-    show_default=True,
-    help="CPU rounding to reproduce when regenerating projections: 'separate' for adapters trained on CPUs without AVX2.",
-)
+def command(name: str, options_class: type | None = None) -> Callable:
+    """A `vera-export` subcommand: its callback returns a report; `options_class`'s fields become its flags."""
+
+    def decorate(callback: Callable) -> click.Command:
+        params = list(getattr(callback, "__click_params__", []))[::-1]
+        if options_class is not None:
+            params += [option_flags(f) for f in opts.option_fields(options_class)]
+        params += [
+            click.Option(["--json", "as_json"], is_flag=True, help="Print the JSON envelope on stdout."),
+            click.Option(["--debug"], is_flag=True, help="Show tracebacks for errors."),
+        ]
+        cmd = _Command(
+            name, callback=callback, params=params, help=callback.__doc__, options_class=options_class
+        )
+        main.add_command(cmd)
+        return cmd
+
+    return decorate
 
 
-def _write_options(f):
-    for option in (
-        click.option("--device", default="cpu", show_default=True, help="Where the fold runs, e.g. cuda."),
-        click.option(
-            "--force", is_flag=True, help="Replace a non-empty output directory once the new one is complete."
-        ),
-        click.option(
-            "--fsync", is_flag=True, help="Wait until the output is on disk before putting it in place."
-        ),
-        _allow_pickle,
-        _rounding,
-        _quiet,
-        _json,
-    ):
-        f = option(f)
-    return f
+class _Group(click.Group):
+    """With `--json` anywhere on the line, a usage error is also an envelope on stdout."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        argv = list(sys.argv[1:] if args is None else args)
+        if not standalone_mode:
+            return super().main(argv, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            exc.show()
+            if "--json" in argv:
+                name = next((a for a in argv if a in self.commands), "vera-export")
+                _emit(name, True, error=exc, exit_code=exc.exit_code)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(EXIT_FAILED)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors (also accepted after the command).")
 @click.version_option(package_name="vera-export")
 def main(debug: bool) -> None:
     """Merge, verify and export PEFT VeRA adapters without PEFT.
@@ -126,55 +183,40 @@ def main(debug: bool) -> None:
     """
 
 
-@main.command("merge")
-@click.option("--base", required=True, type=_path, help="Base model directory (config.json + safetensors).")
-@_adapters
-@click.option("--output", required=True, type=_path, help="Directory for the merged checkpoint.")
-@click.option(
-    "--verify/--no-verify", "run_verify", default=False, help="Verify the merged checkpoint afterwards."
-)
-@_write_options
-def merge_command(
-    base, adapters, output, run_verify, device, force, fsync, allow_pickle, rounding, quiet, as_json
-):
+_path = click.Path(path_type=Path)
+
+
+def _adapters(help: str = "PEFT VeRA adapter directory; repeat for several (folded in order).") -> Callable:
+    return click.option("--adapter", "adapters", multiple=True, required=True, type=_path, help=help)
+
+
+def _location(flag: str, help: str, required: bool = True) -> Callable:
+    return click.option(
+        flag, flag.removeprefix("--").replace("-", "_"), required=required, type=_path, help=help
+    )
+
+
+@command("merge", opts.MergeOptions)
+@_location("--base", "Base model directory (config.json + safetensors).")
+@_adapters()
+@_location("--output", "Directory for the merged checkpoint.")
+def merge_command(base: Path, adapters: tuple[Path, ...], output: Path, options: opts.MergeOptions):
     """Fold VeRA adapters into a base checkpoint, correctly rounded, streaming shard by shard.
 
     \b
     Example:
       vera-export merge --base ./llama --adapter ./my-vera --output ./llama-merged --verify
     """
-    options = MergeOptions(
-        device=device,
-        force=force,
-        fsync=fsync,
-        allow_pickle=allow_pickle,
-        rounding=Rounding(rounding),
-        progress=not quiet,
-    )
-    report = merge(base, adapters, output, options)
-    _warn(report.warnings)
-    result = {"merge": report.to_json()}
-    if not as_json:
-        click.echo(
-            f"merged {len(report.adapters)} adapter(s) into {output}: {len(report.folded)} weights folded, "
-            f"{len(report.replaced)} tensors replaced, {report.copied} copied ({report.seconds:.1f} s)"
-        )
-    if run_verify:
-        verdict = verify(base, adapters, output, options=options)
-        result["verify"] = verdict.to_json()
-        _print_verification(verdict, as_json=as_json, quiet=quiet)
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-    if run_verify and not verdict.passed:
-        sys.exit(EXIT_FAILED)
+    from .merging import merge
+
+    return merge(base, adapters, output, options)
 
 
-@main.command("unmerge")
-@click.option("--merged", required=True, type=_path, help="Merged model directory.")
-@_adapters
-@click.option("--output", required=True, type=_path, help="Directory for the restored base checkpoint.")
-@_write_options
-def unmerge_command(merged, adapters, output, device, force, fsync, allow_pickle, rounding, quiet, as_json):
+@command("unmerge", opts.UnmergeOptions)
+@_location("--merged", "Merged model directory.")
+@_adapters()
+@_location("--output", "Directory for the restored base checkpoint.")
+def unmerge_command(merged: Path, adapters: tuple[Path, ...], output: Path, options: opts.UnmergeOptions):
     """Subtract VeRA adapters from a merged checkpoint.
 
     Trained biases and modules_to_save that the merge replaced cannot be restored and are reported.
@@ -183,30 +225,15 @@ def unmerge_command(merged, adapters, output, device, force, fsync, allow_pickle
     Example:
       vera-export unmerge --merged ./llama-merged --adapter ./my-vera --output ./llama-restored
     """
-    options = MergeOptions(
-        device=device,
-        force=force,
-        fsync=fsync,
-        allow_pickle=allow_pickle,
-        rounding=Rounding(rounding),
-        progress=not quiet,
-    )
-    report = unmerge(merged, adapters, output, options)
-    _warn(report.warnings)
-    if as_json:
-        click.echo(json.dumps({"unmerge": report.to_json()}, indent=2))
-    else:
-        click.echo(
-            f"unmerged {len(report.adapters)} adapter(s) into {output}: {len(report.folded)} weights restored ({report.seconds:.1f} s)"
-        )
+    from .merging import unmerge
+
+    return unmerge(merged, adapters, output, options)
 
 
-@main.command("inspect")
+@command("inspect", opts.InspectOptions)
 @click.argument("adapter", type=_path)
-@click.option("--base", type=_path, help="Also check the adapter against this base model directory.")
-@_allow_pickle
-@_json
-def inspect_command(adapter, base, allow_pickle, as_json):
+@_location("--base", "Also check the adapter against this base model directory.", required=False)
+def inspect_command(adapter: Path, base: Path | None, options: opts.InspectOptions):
     """Describe an adapter and, with --base, every incompatibility with that base.
 
     Exits 1 when --base is given and the adapter does not fit it.
@@ -215,33 +242,29 @@ def inspect_command(adapter, base, allow_pickle, as_json):
     Example:
       vera-export inspect ./my-vera --base ./llama --json
     """
-    report = inspect(adapter, base, allow_pickle=allow_pickle)
-    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.text())
-    if base is not None and not report.compatible:
-        sys.exit(EXIT_FAILED)
+    from .inspection import inspect
+
+    return inspect(adapter, base, options)
 
 
-@main.command("verify")
-@click.option("--base", required=True, type=_path, help="Base model directory.")
-@_adapters
-@click.option("--merged", type=_path, help="Merged model directory to check.")
+@command("verify", opts.VerifyOptions)
+@_location("--base", "Base model directory.")
+@_adapters("PEFT VeRA adapter directory; repeat for several, in the order they were merged or exported.")
+@_location("--merged", "Merged model directory to check.", required=False)
 @click.option(
     "--onnx", "onnx_dir", type=_path, help="Directory written by `vera-export onnx` to check instead."
 )
-@click.option(
-    "--full-model/--layers-only",
-    default=None,
-    help="Compare whole-model outputs too (default: when two copies fit in memory). --merged only.",
-)
-@_allow_pickle
-@_rounding
-@_quiet
-@_json
-def verify_command(base, adapters, merged, onnx_dir, full_model, allow_pickle, rounding, quiet, as_json):
+def verify_command(
+    base: Path,
+    adapters: tuple[Path, ...],
+    merged: Path | None,
+    onnx_dir: Path | None,
+    options: opts.VerifyOptions,
+):
     """Check a merged checkpoint or an ONNX export against the unmerged VeRA model; exit 1 if any check fails.
 
     With --onnx, the graph runs in ONNX Runtime on two input shapes; the projections are regenerated with the
-    rounding recorded at export, so --rounding does not apply.
+    rounding recorded at export, so --rounding does not apply, nor does --full-model.
 
     \b
     Examples:
@@ -250,82 +273,30 @@ def verify_command(base, adapters, merged, onnx_dir, full_model, allow_pickle, r
     """
     if (merged is None) == (onnx_dir is None):
         raise click.UsageError("pass exactly one of --merged and --onnx")
-    if onnx_dir is not None:
-        from .onnx_export import verify_onnx  # ONNX's libraries take seconds to import: only when asked
+    if onnx_dir is None:
+        from .verification import verify
 
-        report = verify_onnx(onnx_dir, base, adapters, allow_pickle=allow_pickle)
-    else:
-        options = MergeOptions(allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=not quiet)
-        report = verify(base, adapters, merged, full_model=full_model, options=options)
-    _print_verification(report, as_json=as_json, quiet=quiet)
-    if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
-    if not report.passed:
-        sys.exit(EXIT_FAILED)
+        return verify(base, adapters, merged, options)
+    ctx = click.get_current_context()
+    given = [f"--{p.replace('_', '-')}" for p in ("full_model", "rounding") if _given(ctx, p)]
+    if given:
+        raise click.UsageError(f"{' and '.join(given)} do not apply to --onnx")
+    from .onnx.verify import verify_onnx
+
+    onnx_options = opts.VerifyOnnxOptions(allow_pickle=options.allow_pickle, progress=options.progress)
+    return verify_onnx(onnx_dir, base, adapters, onnx_options)
 
 
-@main.command("onnx")
-@click.option("--base", required=True, type=_path, help="Base model directory (config.json + safetensors).")
-@_adapters
-@click.option(
-    "--output", required=True, type=_path, help="Directory for model.onnx, vera_export.json and the config."
-)
-@click.option(
-    "--mode",
-    type=click.Choice(MODES),
-    default="merged",
-    show_default=True,
-    help="merged: adapters folded into the weights; adapter: one adapter kept as swappable graph inputs; "
-    "bank: every adapter in one graph, chosen per batch row by the adapter_index input.",
-)
-@click.option(
-    "--task",
-    type=click.Choice(["auto", *TASKS]),
-    default="auto",
-    show_default=True,
-    help="What the graph returns; auto reads config.json's architecture.",
-)
-@click.option(
-    "--opset",
-    type=click.IntRange(MIN_OPSET, MAX_OPSET),
-    default=MIN_OPSET,
-    show_default=True,
-    help="ONNX opset.",
-)
-@click.option(
-    "--verify/--no-verify",
-    "run_verify",
-    default=True,
-    show_default=True,
-    help="Compare the graph in ONNX Runtime with the unmerged model in PyTorch.",
-)
-@click.option(
-    "--external-data/--no-external-data",
-    default=None,
-    help="Weights in model.onnx.data (default: only past 1.75 GiB; protobuf cannot hold 2 GiB).",
-)
-@click.option(
-    "--force", is_flag=True, help="Replace a non-empty output directory once the new one is complete."
-)
-@_allow_pickle
-@_rounding
-@_quiet
-@_json
-def onnx_command(
-    base,
-    adapters,
-    output,
-    mode,
-    task,
-    opset,
-    run_verify,
-    external_data,
-    force,
-    allow_pickle,
-    rounding,
-    quiet,
-    as_json,
-):
+def _given(ctx: click.Context, param: str) -> bool:
+    source = ctx.get_parameter_source(param)
+    return source is not None and source is not click.core.ParameterSource.DEFAULT
+
+
+@command("onnx", opts.OnnxOptions)
+@_location("--base", "Base model directory (config.json + safetensors).")
+@_adapters("PEFT VeRA adapter directory; repeat for several (folded in order, or a bank's rows in order).")
+@_location("--output", "Directory for model.onnx, vera_export.json and the config.")
+def onnx_command(base: Path, adapters: tuple[Path, ...], output: Path, options: opts.OnnxOptions):
     """Export the base model with VeRA adapters to ONNX; exit 1 if the graph fails verification.
 
     \b
@@ -333,56 +304,21 @@ def onnx_command(
       vera-export onnx --base ./llama --adapter ./my-vera --output ./llama-onnx --mode adapter
       vera-export onnx --base ./llama --adapter ./alice-vera --adapter ./bob-vera --output ./llama-bank --mode bank
     """
-    from .onnx_export import onnx
+    from .onnx.export import export_onnx
 
-    options = OnnxOptions(
-        mode=mode,
-        task=task,
-        opset=opset,
-        verify=run_verify,
-        external_data=external_data,
-        force=force,
-        allow_pickle=allow_pickle,
-        rounding=Rounding(rounding),
-        progress=not quiet,
-    )
-    report = onnx(base, adapters, output, options)
-    _warn(report.warnings)
-    if not as_json:
-        click.echo(
-            f"exported {report.task} graph ({report.mode} mode, {report.overridable} overridable tensors) to {output}: "
-            f"{', '.join(report.files)} ({report.seconds:.1f} s)"
-        )
-    if report.verification is not None:
-        _print_verification(report.verification, as_json=as_json, quiet=quiet)
-    if as_json:
-        click.echo(json.dumps({"onnx": report.to_json()}, indent=2))
-    if report.verification is not None and not report.verification.passed:
-        sys.exit(EXIT_FAILED)
+    return export_onnx(base, adapters, output, options)
 
 
-@main.command("onnx-adapter")
-@click.option(
-    "--model",
-    "model_dir",
-    required=True,
-    type=_path,
-    help="Directory written by `vera-export onnx --mode adapter` or `--mode bank`.",
+@command("onnx-adapter", opts.OnnxAdapterOptions)
+@_location("--model", "Directory written by `vera-export onnx --mode adapter` or `--mode bank`.")
+@_adapters(
+    "PEFT VeRA adapter of the same base and projections; for a bank graph, repeat it: row k of the new bank is "
+    "the k-th --adapter."
 )
-@click.option(
-    "--adapter",
-    "adapters",
-    required=True,
-    multiple=True,
-    type=_path,
-    help="PEFT VeRA adapter of the same base and projections; for a bank graph, repeat it: row k of the new bank is "
-    "the k-th --adapter.",
-)
-@click.option("--output", required=True, type=_path, help="The .onnx_adapter file to write.")
-@click.option("--force", is_flag=True, help="Replace an existing file.")
-@_allow_pickle
-@_json
-def onnx_adapter_command(model_dir, adapters, output, force, allow_pickle, as_json):
+@_location("--output", "The .onnx_adapter file to write.")
+def onnx_adapter_command(
+    model: Path, adapters: tuple[Path, ...], output: Path, options: opts.OnnxAdapterOptions
+):
     """Write VeRA adapters as an ONNX Runtime adapter file for a graph exported in adapter or bank mode.
 
     Load it with onnxruntime.LoraAdapter and apply it per run with RunOptions.add_active_adapter. An adapter-mode
@@ -393,40 +329,16 @@ def onnx_adapter_command(model_dir, adapters, output, force, allow_pickle, as_js
       vera-export onnx-adapter --model ./llama-onnx --adapter ./other-vera --output ./other.onnx_adapter
       vera-export onnx-adapter --model ./llama-bank --adapter ./dave-vera --adapter ./erin-vera --output ./team.onnx_adapter
     """
-    from .ort_adapter import onnx_adapter
+    from .onnx.adapter_file import onnx_adapter
 
-    report = onnx_adapter(model_dir, list(adapters), output, force=force, allow_pickle=allow_pickle)
-    if as_json:
-        click.echo(json.dumps({"onnx_adapter": report.to_json()}, indent=2))
-    else:
-        click.echo(f"wrote {report.parameters} parameters to {report.output} ({report.bytes_written} bytes)")
+    return onnx_adapter(model, list(adapters), output, options)
 
 
-@main.command("to-lora")
-@click.option("--base", required=True, type=_path, help="Base model directory (config.json + safetensors).")
-@click.option("--adapter", required=True, type=_path, help="PEFT VeRA adapter directory.")
-@click.option("--output", required=True, type=_path, help="Directory for the PEFT LoRA adapter.")
-@click.option(
-    "--rank",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Best rank-K approximation of each layer (default: the exact export at the adapter's r).",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(list(DTYPES)),
-    default="float32",
-    show_default=True,
-    help="Dtype of lora_A / lora_B.",
-)
-@click.option(
-    "--force", is_flag=True, help="Replace a non-empty output directory once the new one is complete."
-)
-@_allow_pickle
-@_rounding
-@_quiet
-@_json
-def to_lora_command(base, adapter, output, rank, dtype, force, allow_pickle, rounding, quiet, as_json):
+@command("to-lora", opts.ToLoraOptions)
+@_location("--base", "Base model directory (config.json + safetensors).")
+@_location("--adapter", "PEFT VeRA adapter directory.")
+@_location("--output", "Directory for the PEFT LoRA adapter.")
+def to_lora_command(base: Path, adapter: Path, output: Path, options: opts.ToLoraOptions):
     """Export a VeRA adapter as a plain PEFT LoRA adapter, exactly or truncated to rank K.
 
     Warns where vLLM would refuse the result (rank above 16, modules_to_save, trained biases).
@@ -435,47 +347,22 @@ def to_lora_command(base, adapter, output, rank, dtype, force, allow_pickle, rou
     Example:
       vera-export to-lora --base ./llama --adapter ./my-vera --output ./my-lora --rank 16
     """
-    options = MergeOptions(
-        force=force, allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=not quiet
-    )
-    report = to_lora(base, adapter, output, rank=rank, dtype=dtype, options=options)
-    _warn(report.warnings)
-    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.text())
+    from .lora import to_lora
+
+    return to_lora(base, adapter, output, options)
 
 
-@main.command("embed-projections")
-@click.option("--base", required=True, type=_path, help="Base model directory the adapter is used with.")
-@click.option(
-    "--adapter", required=True, type=_path, help="PEFT VeRA adapter saved with save_projection=False."
-)
-@click.option(
-    "--output", required=True, type=_path, help="Directory for the adapter with projections embedded."
-)
-@click.option(
-    "--force", is_flag=True, help="Replace a non-empty output directory once the new one is complete."
-)
-@_allow_pickle
-@_rounding
-@_json
-def embed_projections_command(base, adapter, output, force, allow_pickle, rounding, as_json):
+@command("embed-projections", opts.EmbedOptions)
+@_location("--base", "Base model directory the adapter is used with.")
+@_location("--adapter", "PEFT VeRA adapter saved with save_projection=False.")
+@_location("--output", "Directory for the adapter with projections embedded.")
+def embed_projections_command(base: Path, adapter: Path, output: Path, options: opts.EmbedOptions):
     """Store the projections PEFT regenerates for this base in a copy of the adapter (save_projection true).
 
     \b
     Example:
       vera-export embed-projections --base ./llama --adapter ./my-vera --output ./my-vera-embedded
     """
-    options = MergeOptions(
-        force=force, allow_pickle=allow_pickle, rounding=Rounding(rounding), progress=False
-    )
-    report = embed_projections(base, adapter, output, options)
-    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.text())
+    from .embed import embed_projections
 
-
-def _print_verification(report, as_json: bool, quiet: bool) -> None:
-    _warn(report.warnings)
-    if as_json:
-        return
-    for check in report.checks:
-        if not quiet or not check.passed:
-            click.echo(check.line())
-    click.echo(report.summary())
+    return embed_projections(base, adapter, output, options)

@@ -10,29 +10,23 @@ the adapter with `base_model.vera_A` / `base_model.vera_B` as PEFT would hold th
 from __future__ import annotations
 
 import json
-import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapter import (
-    CONFIG_NAME,
-    PICKLE_WEIGHTS_NAME,
-    PROJECTION_KEYS,
-    WEIGHTS_NAME,
-    VeraAdapter,
-    load_adapter,
-    read_adapter_tensors,
-)
+from .adapter import PICKLE_WEIGHTS_NAME, PROJECTION_KEYS, WEIGHTS_NAME, VeraAdapter, load_adapter
+from .config import CONFIG_NAME
 from .errors import AdapterError
-from .options import MergeOptions
-from .outputs import staged_output
+from .io.index import ShardedTensorIndex
+from .io.locations import Kind, locate
+from .io.outputs import staged_output
+from .io.side_files import copy_side_files
+from .io.writer import save_tensors
+from .options import EmbedOptions
 from .plan import resolve_projections
-from .safetensors_io import ShardedTensorIndex
-from .safetensors_writer import save_tensors
 from .targets import match_layers
 
 
-@dataclass(frozen=True)
+@dataclass
 class EmbedReport:
     """What `embed_projections` wrote."""
 
@@ -41,29 +35,24 @@ class EmbedReport:
     vera_B_shape: tuple[int, int]
     rounding: str
     base_dtype: str
+    warnings: list[str] = field(default_factory=list)
+    command = "embed-projections"
+    ok = True
 
-    def text(self) -> str:
+    def text(self, quiet: bool = False) -> str:
         """What `vera-export embed-projections` prints."""
         return (
-            f"wrote {self.output} with vera_A {list(self.vera_A_shape)} and vera_B {list(self.vera_B_shape)} embedded "
-            f"(regenerated for a {self.base_dtype} base, {self.rounding} rounding); save_projection is now true"
+            f"wrote {self.output} with vera_A {list(self.vera_A_shape)} and vera_B {list(self.vera_B_shape)} "
+            f"embedded (regenerated for a {self.base_dtype} base, {self.rounding} rounding); save_projection is "
+            f"now true"
         )
-
-    def to_json(self) -> dict:
-        return {
-            "output": str(self.output),
-            "vera_A": list(self.vera_A_shape),
-            "vera_B": list(self.vera_B_shape),
-            "rounding": self.rounding,
-            "base_dtype": self.base_dtype,
-        }
 
 
 def embed_projections(
     base: str | Path,
     adapter: str | Path | VeraAdapter,
     output: str | Path,
-    options: MergeOptions = MergeOptions(),
+    options: EmbedOptions = EmbedOptions(),
 ) -> EmbedReport:
     """Write a copy of an adapter saved with `save_projection=False`, with its projections embedded.
 
@@ -76,30 +65,28 @@ def embed_projections(
         base: The base model directory the adapter is used with; only its safetensors headers are read.
         adapter: PEFT VeRA adapter directory, or an adapter loaded with `load_adapter`.
         output: Directory to create; written in full or not at all.
-        options: `force`, `fsync`, `allow_pickle` and `rounding` are used.
+        options: See `EmbedOptions`.
 
     Raises:
         AdapterError: The adapter already stores its projections (there is nothing to embed), or is invalid.
         IncompatibleAdapterError, OutputError: See the message.
     """
+    base, output = locate(base, Kind.BASE), Path(output)
     vera = load_adapter(adapter, options.allow_pickle)
     if vera.vera_A is not None:
         raise AdapterError(
             f"{vera.path}: already stores base_model.vera_A / base_model.vera_B; there is nothing to embed, and the "
             f"adapter loads the same anywhere as it is"
         )
-    base, output = Path(base), Path(output)
     tensors = ShardedTensorIndex.from_dir(base).tensors
     layers = match_layers(vera, {name: tuple(info.shape) for name, info in tensors.items()})
     projections = resolve_projections(vera, tensors, layers, options.rounding)
-    stored = read_adapter_tensors(vera.path, options.allow_pickle)
-    stored.update(
-        {PROJECTION_KEYS["vera_A"]: projections.vera_A, PROJECTION_KEYS["vera_B"]: projections.vera_B}
-    )
+    stored = {**vera.tensors, PROJECTION_KEYS["vera_A"]: projections.vera_A}
+    stored[PROJECTION_KEYS["vera_B"]] = projections.vera_B
+    rewritten = [vera.path / name for name in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME)]
     with staged_output(output, [base, vera.path], options.force, options.fsync) as staging:
-        _copy_other_files(vera.path, staging)
-        config = json.loads((vera.path / CONFIG_NAME).read_text(encoding="utf-8"))
-        config["save_projection"] = True
+        copy_side_files(vera.path, staging, rewritten, skip_weights=False)  # README, tokenizer, ...
+        config = {**vera.raw_config, "save_projection": True}
         (staging / CONFIG_NAME).write_text(
             json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
@@ -112,15 +99,3 @@ def embed_projections(
         options.rounding.value,
         str(base_dtype).removeprefix("torch."),
     )
-
-
-def _copy_other_files(adapter_dir: Path, staging: Path) -> None:
-    """The adapter's other files (README, tokenizer, ...); its config and weights are rewritten."""
-    rewritten = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME}
-    for path in sorted(adapter_dir.rglob("*")):
-        relative = path.relative_to(adapter_dir)
-        if path.is_dir() or str(relative) in rewritten:
-            continue
-        target = staging / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, target)

@@ -1,4 +1,4 @@
-"""Typed errors for every input the tool rejects.
+"""Typed errors for every input the tool rejects, and the helpers their messages share.
 
 Each message names the file or tensor, says what was found versus expected and what to do. The CLI prints the
 message as one line and exits with code 2; anything else that escapes is a bug and keeps its traceback.
@@ -27,3 +27,9 @@ class OutputError(VeraExportError, ValueError):
 
 class VeraExportWarning(UserWarning):
     """Something the user should know that does not stop the work (the CLI prints it as one line)."""
+
+
+def listing(items: list[str], limit: int = 10) -> str:
+    """`a, b, c and 7 more`: a bounded list of names for a message."""
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")

@@ -16,6 +16,21 @@ from .plan import Plan, build_plan
 from .projections import Rounding
 
 
+def vera_branch(
+    x: torch.Tensor,
+    lambda_b: torch.Tensor,
+    lambda_d: torch.Tensor,
+    vera_A: torch.Tensor,
+    vera_B: torch.Tensor,
+    in_features: int,
+    out_features: int,
+) -> torch.Tensor:
+    """`lambda_b * (B_s (lambda_d * (A_s x)))` with `A_s = vera_A[:, :in]`, `B_s = vera_B[:out]`: VeRA's path, in
+    the order PEFT's `vera.Linear.forward` computes it (the lambdas may carry broadcast axes, as a bank's do)."""
+    sliced_A, sliced_B = vera_A[:, :in_features], vera_B[:out_features, :]
+    return lambda_b * F.linear(lambda_d * F.linear(x, sliced_A), sliced_B)
+
+
 def _adapter_dtype(tensor: torch.Tensor) -> torch.Tensor:
     # PEFT loads adapters with autocast_adapter_dtype=True: 16-bit adapter tensors run in float32.
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
@@ -61,10 +76,17 @@ class VeraLinear(nn.Module):
         result = self.base_layer(x)
         result_dtype = result.dtype
         for lambda_b, lambda_d, (vera_A, vera_B) in zip(self.lambda_b, self.lambda_d, self.projections):
-            sliced_A = vera_A[:, : self.in_features].to(x.device)
-            sliced_B = vera_B[: self.out_features, :].to(x.device)
             x = x.to(lambda_d.dtype)
-            result = result + lambda_b * F.linear(lambda_d * F.linear(x, sliced_A), sliced_B)
+            branch = vera_branch(
+                x,
+                lambda_b,
+                lambda_d,
+                vera_A.to(x.device),
+                vera_B.to(x.device),
+                self.in_features,
+                self.out_features,
+            )
+            result = result + branch
         return result.to(result_dtype).to(previous_dtype)
 
 

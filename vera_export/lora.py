@@ -29,23 +29,19 @@ from pathlib import Path
 
 import torch
 
-from .adapter import (
-    CONFIG_NAME,
-    PROJECTION_KEYS,
-    WEIGHTS_NAME,
-    VeraAdapter,
-    load_adapter,
-    read_adapter_tensors,
-)
+from .adapter import PROJECTION_KEYS, WEIGHTS_NAME, VeraAdapter, load_adapter
+from .config import CONFIG_NAME
 from .errors import AdapterError
-from .options import MergeOptions
-from .outputs import staged_output
+from .io.index import ShardedTensorIndex
+from .io.locations import Kind, locate
+from .io.outputs import staged_output
+from .io.writer import save_tensors
+from .options import LORA_DTYPES, ToLoraOptions
 from .plan import LayerDelta, build_plan
 from .progress import progress_bar
-from .safetensors_io import ShardedTensorIndex
-from .safetensors_writer import save_tensors
+from .reports import JsonFields
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in LORA_DTYPES}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
 # What vLLM accepts, as of vLLM 0.14 (`vllm.config.lora.MaxLoRARanks`, default `max_lora_rank` 16).
@@ -88,7 +84,7 @@ class LoraLayer:
 
 
 @dataclass
-class LoraReport:
+class LoraReport(JsonFields):
     """What `to_lora` wrote."""
 
     output: Path
@@ -100,12 +96,15 @@ class LoraReport:
     carried: list[str] = field(default_factory=list)
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    command = "to-lora"
+    ok = True
+    json_properties = ("max_rounding_error",)
 
     @property
     def max_rounding_error(self) -> float:
         return max((layer.rounding_error for layer in self.layers), default=0.0)
 
-    def text(self) -> str:
+    def text(self, quiet: bool = False) -> str:
         """What `vera-export to-lora` prints."""
         lines = [
             f"wrote a rank-{self.rank} {self.dtype} LoRA adapter for {len(self.layers)} layers to {self.output} "
@@ -128,28 +127,12 @@ class LoraReport:
             lines.append(f"carried over {len(self.carried)} trained tensors (biases, modules_to_save)")
         return "\n".join(lines)
 
-    def to_json(self) -> dict:
-        return {
-            "output": str(self.output),
-            "rank": self.rank,
-            "dtype": self.dtype,
-            "exact": self.exact,
-            "total_truncation_error": self.total_truncation_error,
-            "max_rounding_error": self.max_rounding_error,
-            "layers": [vars(layer) for layer in self.layers],
-            "carried": self.carried,
-            "seconds": round(self.seconds, 3),
-            "warnings": self.warnings,
-        }
-
 
 def to_lora(
     base: str | Path,
     adapter: str | Path | VeraAdapter,
     output: str | Path,
-    rank: int | None = None,
-    dtype: str | torch.dtype = "float32",
-    options: MergeOptions = MergeOptions(),
+    options: ToLoraOptions = ToLoraOptions(),
 ) -> LoraReport:
     """Write a PEFT LoRA adapter directory that computes what the VeRA adapter computes on `base`.
 
@@ -161,20 +144,17 @@ def to_lora(
         base: The base model directory; only its safetensors headers are read.
         adapter: PEFT VeRA adapter directory, or an adapter loaded with `load_adapter`.
         output: Directory to create; written in full or not at all.
-        rank: None for the exact export at the adapter's r; K < r for the best rank-K approximation per layer.
-        dtype: Dtype of `lora_A` / `lora_B`: "float32" (default), "bfloat16" or "float16".
-        options: `force`, `fsync`, `allow_pickle`, `rounding` and `progress` (a bar over the layers) are used.
+        options: See `ToLoraOptions` (`rank` None is the exact export at the adapter's r).
 
     Raises:
         AdapterError, IncompatibleAdapterError, OutputError: Bad inputs; the message says which and why.
-        ValueError: `rank` below 1 or an unknown `dtype`.
+        ValueError: An unknown `options.dtype`.
     """
     started = time.perf_counter()
-    out_dtype = lora_dtype(dtype)
-    if rank is not None and rank < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank}")
+    out_dtype = lora_dtype(options.dtype)
+    rank = options.rank
+    base, output = locate(base, Kind.BASE), Path(output)
     vera = load_adapter(adapter, options.allow_pickle)
-    base, output = Path(base), Path(output)
     plan = build_plan([vera], ShardedTensorIndex.from_dir(base).tensors, options.rounding)
     notes = list(plan.warnings)
     r = vera.config.r
@@ -191,7 +171,7 @@ def to_lora(
         tensors, report.layers, report.total_truncation_error = _export_layers(
             plan.deltas.values(), rank, out_dtype, advance
         )
-    extra = _trained_tensors(vera, options.allow_pickle)
+    extra = _trained_tensors(vera)
     tensors.update(extra)
     report.carried = sorted(extra)
     config = lora_config(vera, report.rank)
@@ -334,8 +314,7 @@ def _export_layer(
 
 def lora_config(vera: VeraAdapter, rank: int) -> dict:
     """The LoRA `adapter_config.json` for a VeRA adapter exported at `rank`: scaling 1, same targets."""
-    raw = json.loads((vera.path / CONFIG_NAME).read_text(encoding="utf-8"))
-    config = {name: raw[name] for name in _SHARED_CONFIG_FIELDS if name in raw}
+    config = {name: vera.raw_config[name] for name in _SHARED_CONFIG_FIELDS if name in vera.raw_config}
     if isinstance(config.get("target_modules"), str):
         # A regex alone decides (PEFT ignores these with one); PEFT's LoraConfig refuses them next to a regex.
         config.pop("layers_to_transform", None)
@@ -383,12 +362,13 @@ def server_warnings(rank: int, config: dict) -> list[str]:
     return lines
 
 
-def _trained_tensors(vera: VeraAdapter, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def _trained_tensors(vera: VeraAdapter) -> dict[str, torch.Tensor]:
     """Trained biases and `modules_to_save` tensors as the adapter file stores them: PEFT's LoRA checkpoints use
     the same keys (`<module>.base_layer.bias` for an adapted layer, `<name>` otherwise)."""
-    raw = read_adapter_tensors(vera.path, allow_pickle) if vera.replacements else {}
+    if not vera.replacements:
+        return {}
     return {
         key: tensor
-        for key, tensor in raw.items()
+        for key, tensor in vera.tensors.items()
         if key not in PROJECTION_KEYS.values() and not key.endswith(_VERA_TENSOR_SUFFIXES)
     }

@@ -8,7 +8,6 @@ every other file of the model directory travels along.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,23 +18,39 @@ import torch
 from .adapter import VeraAdapter, load_adapter
 from .errors import CheckpointError, IncompatibleAdapterError
 from .fold import fold
-from .options import MergeOptions
-from .outputs import staged_output
+from .io.header import TensorInfo
+from .io.index import INDEX_NAME, ShardedTensorIndex
+from .io.loader import LazyTensorLoader
+from .io.locations import Kind, locate
+from .io.outputs import staged_output
+from .io.side_files import copy_side_files
+from .io.streams import BackgroundSink, prefetch
+from .io.writer import SafetensorsWriter, write_index
+from .options import MergeOptions, Rounding, UnmergeOptions, VerifyOptions
 from .plan import LayerDelta, Plan, build_plan
 from .progress import progress_bar
-from .safetensors_io import INDEX_NAME, LazyTensorLoader, ShardedTensorIndex, TensorInfo
-from .safetensors_writer import SafetensorsWriter, write_index
-from .streams import BackgroundSink, prefetch
-
-# Weight files other than the checkpoint's own shards hold unmerged weights; copying them would ship a stale model
-# next to the merged one.
-_STALE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data")
+from .reports import JsonFields, counted
+from .verification import VerifyReport, verify
 
 
 @dataclass
-class MergeReport:
-    """What a merge or unmerge did."""
+class MergeReport(JsonFields):
+    """What a merge or unmerge did, and the verification of its output when one ran.
 
+    Attributes:
+        command: `"merge"` or `"unmerge"`.
+        output: The directory written.
+        adapters: The adapters folded in (or subtracted), in order.
+        folded: The weights the deltas were folded into.
+        replaced: The tensors the adapters' trained tensors replaced.
+        copied: How many tensors were copied unchanged.
+        bytes_written: Tensor bytes written.
+        seconds: Wall time.
+        verification: `verify`'s report on the output, with `MergeOptions.verify`.
+        warnings: Things the user should know.
+    """
+
+    command: str
     output: Path
     adapters: list[str]
     folded: list[str] = field(default_factory=list)
@@ -43,19 +58,28 @@ class MergeReport:
     copied: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
+    verification: VerifyReport | None = None
     warnings: list[str] = field(default_factory=list)
 
-    def to_json(self) -> dict:
-        return {
-            "output": str(self.output),
-            "adapters": self.adapters,
-            "folded": len(self.folded),
-            "replaced": self.replaced,
-            "copied": self.copied,
-            "bytes_written": self.bytes_written,
-            "seconds": round(self.seconds, 3),
-            "warnings": self.warnings,
-        }
+    @property
+    def ok(self) -> bool:
+        return self.verification is None or self.verification.ok
+
+    def text(self, quiet: bool = False) -> str:
+        adapters = counted(len(self.adapters), "adapter")
+        if self.command == "merge":
+            line = (
+                f"merged {adapters} into {self.output}: {counted(len(self.folded), 'weight')} folded, "
+                f"{counted(len(self.replaced), 'tensor')} replaced, {self.copied} copied ({self.seconds:.1f} s)"
+            )
+        else:
+            line = (
+                f"unmerged {adapters} into {self.output}: {counted(len(self.folded), 'weight')} restored "
+                f"({self.seconds:.1f} s)"
+            )
+        if self.verification is None:
+            return line
+        return line + "\n" + self.verification.text(quiet)
 
 
 def merge(
@@ -74,36 +98,65 @@ def merge(
         adapters: PEFT VeRA adapter directories, or adapters already loaded with `load_adapter`.
         output: Directory to create; written in full or not at all.
         options: See `MergeOptions`.
+
+    Returns:
+        The report; with `options.verify`, `report.ok` is the verdict of the verification that ran on it.
     """
+    base = locate(base, Kind.BASE)
     loaded = [load_adapter(a, options.allow_pickle) for a in adapters]
-    return _rewrite(Path(base), loaded, Path(output), alpha=1.0, options=options)
+    report = _rewrite(
+        "merge", base, loaded, Path(output), 1.0, options.device, options.block_rows, options.overlap,
+        options.force, options.fsync, options.rounding, options.progress,
+    )  # fmt: skip
+    if options.verify:
+        verify_options = VerifyOptions(
+            allow_pickle=options.allow_pickle, rounding=options.rounding, progress=options.progress
+        )
+        report.verification = verify(base, loaded, report.output, verify_options)
+        report.warnings.extend(report.verification.warnings)
+    return report
 
 
 def unmerge(
     merged: str | Path,
     adapters: Sequence[str | Path | VeraAdapter],
     output: str | Path,
-    options: MergeOptions = MergeOptions(),
+    options: UnmergeOptions = UnmergeOptions(),
 ) -> MergeReport:
     """Subtract the adapters' deltas from a merged checkpoint by the same precision rule.
 
     Tensors the merge replaced (trained biases, `modules_to_save`) cannot be recovered from the merged checkpoint;
     they are copied as they are and listed in the report's warnings.
     """
+    merged = locate(merged, Kind.MERGED)
     loaded = [load_adapter(a, options.allow_pickle) for a in adapters]
-    return _rewrite(Path(merged), loaded, Path(output), alpha=-1.0, options=options)
+    return _rewrite(
+        "unmerge", merged, loaded, Path(output), -1.0, options.device, options.block_rows, options.overlap,
+        options.force, options.fsync, options.rounding, options.progress,
+    )  # fmt: skip
 
 
 def _rewrite(
-    source: Path, adapters: list[VeraAdapter], output: Path, alpha: float, options: MergeOptions
+    command: str,
+    source: Path,
+    adapters: list[VeraAdapter],
+    output: Path,
+    alpha: float,
+    device: str,
+    block_rows: int,
+    overlap: bool,
+    force: bool,
+    fsync: bool,
+    rounding: Rounding,
+    progress: bool,
 ) -> MergeReport:
     started = time.perf_counter()
     index = ShardedTensorIndex.from_dir(source)
-    plan = build_plan(adapters, index.tensors, options.rounding)
+    plan = build_plan(adapters, index.tensors, rounding)
     plan.check_foldable(index.tensors)
     if alpha > 0 and plan.replacements:
         _refuse_tied_replacements(source, plan)
-    report = MergeReport(output, [str(a.path) for a in adapters], warnings=list(plan.warnings))
+    report = MergeReport(command, output, [str(a.path) for a in adapters], warnings=list(plan.warnings))
     if alpha < 0 and plan.replacements:
         report.warnings.append(
             f"{len(plan.replacements)} tensors were replaced by the merge (trained biases, modules_to_save) and cannot "
@@ -112,25 +165,14 @@ def _rewrite(
     replacements = plan.replacements if alpha > 0 else {}
     label = "merging" if alpha > 0 else "unmerging"
     total = sum(info.nbytes for info in index.tensors.values())
-    with staged_output(
-        output, [source, *(a.path for a in adapters)], options.force, options.fsync
-    ) as staging:
-        with progress_bar(total, label, options.progress) as advance:
+    with staged_output(output, [source, *(a.path for a in adapters)], force, fsync) as staging:
+        with progress_bar(total, label, progress) as advance:
             rewrite_tensors(
-                index,
-                plan.deltas,
-                replacements,
-                staging,
-                alpha,
-                torch.device(options.device),
-                options.block_rows,
-                options.fsync,
-                options.overlap,
-                report,
-                advance,
-            )
+                index, plan.deltas, replacements, staging, alpha, torch.device(device), block_rows, fsync,
+                overlap, report, advance,
+            )  # fmt: skip
         if index.is_sharded:
-            write_index(staging / INDEX_NAME, index.weight_map, index.index_metadata or {}, options.fsync)
+            write_index(staging / INDEX_NAME, index.weight_map, index.index_metadata or {}, fsync)
         report.warnings.extend(copy_side_files(source, staging, index.shards))
     report.seconds = time.perf_counter() - started
     return report
@@ -271,24 +313,3 @@ class _ShardWriter:
             self._next_shard()
         if self.writer is not None:
             self.writer.close()
-
-
-def copy_side_files(source: Path, staging: Path, shards: list[Path]) -> list[str]:
-    """Copy every file but the checkpoint's own `shards` and index; skip (and report) any other weights."""
-    skipped = []
-    own = {shard.resolve() for shard in shards} | {(source / INDEX_NAME).resolve()}
-    for path in sorted(source.rglob("*")):
-        relative = path.relative_to(source)
-        if path.is_dir() or path.resolve() in own:
-            continue
-        if path.name.endswith((*_STALE_WEIGHT_SUFFIXES, ".safetensors", ".index.json")):
-            skipped.append(str(relative))
-            continue
-        target = staging / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, target)
-    if skipped:
-        return [
-            f"not copied (weights of another format would not match the merged ones): {', '.join(skipped)}"
-        ]
-    return []

@@ -31,6 +31,11 @@ def model_class(model_dir: Path) -> type[transformers.PreTrainedModel]:
     return cls
 
 
+def model_config(model_dir: Path) -> transformers.PretrainedConfig:
+    """The model's config, as its architecture's class reads `config.json`."""
+    return model_class(model_dir).config_class.from_pretrained(model_dir)
+
+
 def tied_partners(model_dir: Path, names: Iterable[str]) -> dict[str, list[str]]:
     """For each of `names` that the model ties to other parameters (tied word embeddings), those parameters' names.
 

@@ -6,7 +6,6 @@ every incompatibility is reported before an output is started.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +15,8 @@ import torch
 
 from .adapter import VeraAdapter
 from .errors import IncompatibleAdapterError
-from .fold import FOLDABLE_DTYPES, VeraDelta, largest_magnitude, smallest_magnitude
+from .fold import VeraDelta
+from .precision import FOLDABLE_DTYPES, largest_magnitude, smallest_magnitude
 from .projections import Rounding, generate_projections
 from .targets import TargetLayer, match_layers, projection_dims, untrained_targets
 
@@ -51,7 +51,7 @@ class Projections:
 class LayerDelta:
     """One adapter's change to one layer."""
 
-    adapter: str
+    adapter: str  # the adapter's name, for messages
     target: TargetLayer
     lambda_b: torch.Tensor
     lambda_d: torch.Tensor
@@ -79,11 +79,12 @@ class LayerDelta:
 
 @dataclass
 class Plan:
-    """Deltas by weight tensor name (in adapter order), replaced tensors by name, and warnings for the user."""
+    """Deltas by weight tensor name (in adapter order), replaced tensors by name, each adapter's projections (keyed
+    by the adapter itself) and warnings for the user."""
 
     deltas: dict[str, list[LayerDelta]] = field(default_factory=dict)
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)
-    projections: dict[str, Projections] = field(default_factory=dict)
+    projections: dict[VeraAdapter, Projections] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def check_foldable(self, tensors: Mapping[str, TensorSpec]) -> None:
@@ -152,12 +153,7 @@ def pin_projections(adapters: Sequence[VeraAdapter], plan: Plan) -> list[VeraAda
     A model loaded in another dtype than its checkpoint (float32 or float64 for a reference) would otherwise
     regenerate projections without the rounding PEFT applies on the checkpoint's 16-bit dtype.
     """
-    return [
-        dataclasses.replace(
-            a, vera_A=plan.projections[str(a.path)].vera_A, vera_B=plan.projections[str(a.path)].vera_B
-        )
-        for a in adapters
-    ]
+    return [a.with_projections(plan.projections[a].vera_A, plan.projections[a].vera_B) for a in adapters]
 
 
 def build_plan(
@@ -173,7 +169,7 @@ def build_plan(
     for adapter in adapters:
         layers = match_layers(adapter, shapes)
         projections = resolve_projections(adapter, tensors, layers, rounding)
-        plan.projections[str(adapter.path)] = projections
+        plan.projections[adapter] = projections
         for module, target in layers.items():
             layer = adapter.layers[module]
             delta = LayerDelta(adapter.name, target, layer.lambda_b, layer.lambda_d, projections)

@@ -15,18 +15,14 @@ and of this machine's CPU.
 
 from __future__ import annotations
 
-import enum
 import math
 
 import numpy as np
 import torch
 
+from .options import Rounding
 
-class Rounding(str, enum.Enum):
-    """How torch's uniform kernel rounded `x * (high - low) + low` on the machine that drew the projections."""
-
-    FMA = "fma"
-    SEPARATE = "separate"
+__all__ = ["Rounding", "TorchCPUGenerator", "generate_projections"]
 
 
 class TorchCPUGenerator:

@@ -17,7 +17,6 @@ Two kinds of checks, both in the fold's compute precision (float32 for 16-bit we
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -28,11 +27,14 @@ import torch
 
 from .adapter import VeraAdapter, VeraLayer, load_adapter
 from .errors import CheckpointError
-from .fold import compute_dtype, gamma
-from .options import MergeOptions
+from .io.index import ShardedTensorIndex
+from .io.loader import LazyTensorLoader
+from .io.locations import Kind, locate
+from .options import Rounding, VerifyOptions
 from .plan import LayerDelta, build_plan, pin_projections
+from .precision import compute_dtype, gamma, ulp, unit_roundoff
 from .progress import progress_bar
-from .safetensors_io import LazyTensorLoader, ShardedTensorIndex
+from .reports import JsonFields, counted
 
 PROBES = 4
 SIGMAS = 8.0
@@ -64,44 +66,40 @@ class Check:
 
 
 @dataclass
-class VerifyReport:
+class VerifyReport(JsonFields):
     """All checks of one verification; `passed` only if every check passed."""
 
+    command: str = "verify"
     checks: list[Check] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    json_properties = ("passed",)
 
     @property
     def passed(self) -> bool:
         return bool(self.checks) and all(check.passed for check in self.checks)
 
-    def to_json(self) -> dict:
-        return {
-            "passed": self.passed,
-            "checks": [dataclasses.asdict(check) for check in self.checks],
-            "warnings": self.warnings,
-        }
+    @property
+    def ok(self) -> bool:
+        return self.passed
 
     def summary(self) -> str:
         failed = sum(not c.passed for c in self.checks)
-        verdict = "PASSED" if self.passed else f"FAILED ({failed} of {len(self.checks)} checks)"
-        return f"verification {verdict}: {len(self.checks)} checks"
+        if self.passed:
+            return f"verification PASSED: {counted(len(self.checks), 'check')}"
+        if not self.checks:
+            return "verification FAILED: nothing was checked"
+        return f"verification FAILED: {failed} of {counted(len(self.checks), 'check')} failed"
 
-
-def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The unit in the last place of `values` (any float tensor) if they were stored in `dtype`, as float64."""
-    info = torch.finfo(dtype)
-    digits = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24, torch.float64: 53}[dtype]
-    _, exponent = torch.frexp(values.double().abs())
-    smallest = math.ldexp(info.tiny, 1 - digits)  # spacing of subnormals
-    return torch.ldexp(torch.ones_like(values, dtype=torch.float64), exponent - digits).clamp_min(smallest)
+    def text(self, quiet: bool = False) -> str:
+        lines = [check.line() for check in self.checks if not quiet or not check.passed]
+        return "\n".join([*lines, self.summary()])
 
 
 def verify(
     base: str | Path,
     adapters: Sequence[str | Path | VeraAdapter],
     merged: str | Path,
-    full_model: bool | None = None,
-    options: MergeOptions = MergeOptions(),
+    options: VerifyOptions = VerifyOptions(),
 ) -> VerifyReport:
     """Verify a merged checkpoint against the base plus the adapters, unmerged.
 
@@ -109,14 +107,14 @@ def verify(
         base: The base model directory.
         adapters: The adapters that were merged, in order.
         merged: The merged model directory.
-        full_model: Also compare whole-model outputs; None decides by whether both models fit in memory.
-        options: `allow_pickle`, `rounding` and `progress` apply.
+        options: See `VerifyOptions`.
 
     Returns:
         The report; `report.passed` is the verdict. Inputs that cannot be compared at all raise instead.
     """
+    base, merged = locate(base, Kind.BASE), locate(merged, Kind.MERGED)
     loaded = [load_adapter(a, options.allow_pickle) for a in adapters]
-    base, merged = Path(base), Path(merged)
+    full_model = options.full_model
     base_index, merged_index = ShardedTensorIndex.from_dir(base), ShardedTensorIndex.from_dir(merged)
     report = VerifyReport()
     report.checks.append(_check_structure(base_index, merged_index))
@@ -138,7 +136,9 @@ def verify(
         if not full_model:
             report.warnings.append("model outputs not compared: two copies of the model do not fit in memory")
     if full_model:
-        report.checks.extend(check_model_outputs(base, pin_projections(loaded, plan), merged, options))
+        report.checks.extend(
+            check_model_outputs(base, pin_projections(loaded, plan), merged, options.rounding)
+        )
     return report
 
 
@@ -285,7 +285,7 @@ def model_inputs(vocab_size: int) -> list[dict[str, torch.Tensor]]:
 
 @torch.no_grad()
 def check_model_outputs(
-    base: Path, adapters: Sequence[VeraAdapter], merged: Path, options: MergeOptions = MergeOptions()
+    base: Path, adapters: Sequence[VeraAdapter], merged: Path, rounding: Rounding = Rounding.FMA
 ) -> list[Check]:
     """Compare the merged model's outputs with the base model plus `VeraLinear` layers on `model_inputs`.
 
@@ -297,15 +297,13 @@ def check_model_outputs(
 
     dtype = _storage_dtype(base)
     compute = compute_dtype(dtype)
-    unmerged = apply_vera(
-        load_model(base, compute), [cast_adapter(a, compute) for a in adapters], options.rounding
-    )
+    unmerged = apply_vera(load_model(base, compute), [cast_adapter(a, compute) for a in adapters], rounding)
     inputs = model_inputs(unmerged.config.vocab_size)
     expected = [model_outputs(unmerged, batch) for batch in inputs]
     del unmerged
     merged_model = load_model(merged, compute)
     checks = []
-    roundoff = 2.0 ** -({torch.bfloat16: 8, torch.float16: 11, torch.float32: 24, torch.float64: 53}[dtype])
+    roundoff = unit_roundoff(dtype)
     for batch, reference in zip(inputs, expected):
         actual = model_outputs(merged_model, batch)
         for key, want in reference.items():
@@ -338,7 +336,3 @@ def cast_adapter(adapter: VeraAdapter, dtype: torch.dtype) -> VeraAdapter:
     return dataclasses.replace(
         adapter, layers=layers, vera_A=cast(adapter.vera_A), vera_B=cast(adapter.vera_B)
     )
-
-
-def report_json(report: VerifyReport) -> str:
-    return json.dumps(report.to_json(), indent=2)

@@ -1,9 +1,9 @@
-"""Write an output directory all at once or not at all.
+"""Write an output, a directory or a single file, all at once or not at all.
 
 Everything is written into a hidden sibling directory and renamed into place at the end, so an error, a full disk
 or a kill (SIGKILL included) never leaves a partial result under the requested name, and the inputs are never
 written to. With `force`, an existing output is swapped for the new one in a single atomic step where the
-platform allows it (Linux `renameat2(RENAME_EXCHANGE)`).
+platform allows it (Linux `renameat2(RENAME_EXCHANGE)` for a directory, `rename(2)` for a file).
 """
 
 from __future__ import annotations
@@ -20,18 +20,25 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import OutputError, VeraExportWarning
+from ..errors import OutputError, VeraExportWarning
 
 _STAGING_INFIX = ".tmp-"
 
 
-def check_output(output: Path, inputs: Sequence[Path], force: bool) -> None:
-    """Refuse an output that is, holds or lies inside an input, or that exists and is not empty (unless force).
+def check_output(output: Path, inputs: Sequence[Path], force: bool, file: bool = False) -> None:
+    """Refuse an output that is, holds or lies inside an input, or that exists (a directory: and is not empty)
+    unless `force`.
 
     Raises:
         OutputError: Naming the output and what to do.
     """
     check_outside_inputs(output, inputs)
+    if file:
+        if output.is_dir():
+            raise OutputError(f"{output}: is a directory; name the file to write")
+        if output.exists() and not force:
+            raise OutputError(f"{output}: exists; choose another file name or pass --force to replace it")
+        return
     if output.exists() and not output.is_dir():
         raise OutputError(f"{output}: exists and is not a directory; choose another output path")
     if output.is_dir() and any(output.iterdir()) and not force:
@@ -65,38 +72,39 @@ def check_outside_inputs(output: Path, inputs: Sequence[Path]) -> None:
 
 @contextlib.contextmanager
 def staged_output(
-    output: str | Path, inputs: Sequence[Path], force: bool = False, fsync: bool = False
+    output: str | Path, inputs: Sequence[Path], force: bool = False, fsync: bool = False, file: bool = False
 ) -> Iterator[Path]:
-    """Yield a fresh staging directory that becomes `output` when the block succeeds.
+    """Yield a fresh staging directory (or, with `file`, a file path in one) that becomes `output` when the
+    block succeeds.
 
     On any exception (and on KeyboardInterrupt or SystemExit) the staging directory is removed and `output` is
     left as it was. Writing errors (a full disk, permissions) become `OutputError`.
 
     Args:
-        output: The directory to create.
-        inputs: Directories the output must not overlap.
-        force: Replace an existing non-empty `output`, only once the new one is complete.
+        output: The directory (or file) to create.
+        inputs: Paths the output must not overlap.
+        force: Replace an existing (non-empty) `output`, only once the new one is complete.
         fsync: Flush every staged file and directory to disk before the rename, and the rename after it (for
             power-loss durability).
+        file: The output is one file, written at the yielded path.
 
     Raises:
-        OutputError: `output` overlaps an input, exists and is not empty without `force`, appeared meanwhile, or
-            could not be written.
+        OutputError: `output` overlaps an input, exists (and is not empty) without `force`, appeared meanwhile,
+            or could not be written.
     """
     output = Path(output)
-    check_output(output, inputs, force)
+    check_output(output, inputs, force, file)
     _warn_stale(output)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{output.name}{_STAGING_INFIX}", dir=output.parent))
     except OSError as exc:
-        raise OutputError(
-            f"{output}: cannot create the output directory ({exc.strerror}); choose a writable location"
-        ) from None
+        what = "cannot be written" if file else "cannot create the output directory"
+        raise OutputError(f"{output}: {what} ({exc.strerror}); choose a writable location") from None
     try:
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output gets the usual permissions
         try:
-            yield staging
+            yield staging / output.name if file else staging
         except OSError as exc:
             where = f" {exc.filename}" if exc.filename else ""
             raise OutputError(
@@ -106,12 +114,34 @@ def staged_output(
         if fsync:
             _fsync_tree(staging)
         with _signals_held():
-            _move_into_place(staging, output, force)
+            if file:
+                _move_file_into_place(staging / output.name, output, force)
+            else:
+                _move_into_place(staging, output, force)
             if fsync:
                 _fsync_dir(output.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if file:
+        shutil.rmtree(staging, ignore_errors=True)  # empty by now
+
+
+def _move_file_into_place(staged: Path, output: Path, force: bool) -> None:
+    if force:
+        os.replace(staged, output)  # atomic, whether or not an output exists
+        return
+    try:
+        # link(2) never replaces an existing file: a concurrent writer that finished first wins.
+        os.link(staged, output)
+    except FileExistsError:
+        raise OutputError(
+            f"{output}: another process wrote this file while this one ran; nothing of this run was left there"
+        ) from None
+    except OSError:  # a filesystem without hard links
+        if output.exists():
+            raise OutputError(f"{output}: another process wrote this file while this one ran") from None
+        os.rename(staged, output)
 
 
 def _move_into_place(staging: Path, output: Path, force: bool) -> None:

@@ -6,6 +6,8 @@ another file (`copy_from`); only a few megabytes are ever buffered. The bytes ar
 library writes for the same tensors in the same order.
 """
 
+from __future__ import annotations
+
 import errno
 import fcntl
 import json
@@ -18,18 +20,16 @@ from types import TracebackType
 from typing import BinaryIO
 
 import torch
-from typing_extensions import Self  # a torch dependency; typing.Self needs Python 3.11
 
-from vera_export.errors import CheckpointError
-from vera_export.safetensors_io import (
-    _MAX_DIM,
+from ..errors import CheckpointError, listing
+from .header import (
+    MAX_DIM,
     MAX_HEADER_BYTES,
     TensorInfo,
-    _check_info,
-    _is_uint,
-    _listing,
-    _truncated,
+    check_info,
     dtype_to_safetensors,
+    is_uint,
+    truncated_error,
 )
 
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
@@ -63,7 +63,7 @@ def _encode_header(
             raise ValueError(f"tensor name {name!r} is not a str or is the reserved '__metadata__'")
         if name in header:
             raise ValueError(f"tensor name {name!r} is repeated; each tensor is stored once")
-        if not all(_is_uint(dim) and dim <= _MAX_DIM for dim in shape):
+        if not all(is_uint(dim) and dim <= MAX_DIM for dim in shape):
             raise ValueError(f"tensor {name!r} has shape {shape!r}, expected non-negative ints")
         nbytes = math.prod(shape) * dtype.itemsize
         header[name] = {
@@ -158,7 +158,7 @@ class SafetensorsWriter:
             CheckpointError: The source file is unreadable or shorter than its header says.
         """
         self._expect(name, info.dtype, info.shape)
-        _check_info(info)
+        check_info(info)
         try:
             src = open(info.path, "rb", buffering=0)  # noqa: SIM115 - closed by the `with` below
         except OSError as e:
@@ -183,13 +183,13 @@ class SafetensorsWriter:
             if unwritten:
                 raise ValueError(
                     f"{self.path}: closed before writing {len(unwritten)} declared tensors: "
-                    f"{_listing([repr(n) for n in unwritten])}"
+                    f"{listing([repr(n) for n in unwritten])}"
                 )
             self._file.close(self.fsync)
         finally:
             self._file.abort()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> SafetensorsWriter:
         return self
 
     def __exit__(
@@ -251,7 +251,7 @@ class _OutputFile:
                 n = min(info.nbytes - done, DIRECT_CHUNK_BYTES - self.fill)
                 got = os.preadv(src.fileno(), [self.view[self.fill : self.fill + n]], info.offset + done)
                 if not got:
-                    raise _truncated(info, done)
+                    raise truncated_error(info, done)
                 self.fill += got
                 done += got
                 if self.fill == DIRECT_CHUNK_BYTES:
@@ -276,7 +276,7 @@ class _OutputFile:
         while done < info.nbytes:
             n = src.readinto(chunk[: info.nbytes - done])
             if not n:
-                raise _truncated(info, done)
+                raise truncated_error(info, done)
             _write_fd(self.fd, chunk[:n])
             done += n
 

@@ -29,12 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .adapter import VeraAdapter
-from .errors import IncompatibleAdapterError
-from .ort_adapter import lambda_input, tensor_input
-from .plan import Plan, Projections, TensorSpec, build_plan, pin_projections
-from .projections import Rounding
-from .targets import TargetLayer
+from ..adapter import VeraAdapter
+from ..errors import IncompatibleAdapterError
+from ..layers import vera_branch
+from ..options import Rounding
+from ..plan import Plan, Projections, TensorSpec, build_plan, pin_projections
+from ..targets import TargetLayer
+from .signature import lambda_input, tensor_input, trained_inputs
 
 
 class RowSelection:
@@ -102,21 +103,19 @@ class VeraBankLinear(nn.Module):
         self.selection = selection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        vera_A, vera_B = self.projections
         lambda_b = self.selection.broadcast(self.lambda_b, x.ndim)
         lambda_d = self.selection.broadcast(self.lambda_d, x.ndim)
-        sliced_A, sliced_B = vera_A[:, : self.in_features], vera_B[: self.out_features, :]
-        return result + lambda_b * F.linear(lambda_d * F.linear(x, sliced_A), sliced_B)
+        branch = vera_branch(x, lambda_b, lambda_d, *self.projections, self.in_features, self.out_features)
+        return self.base_layer(x) + branch
 
 
-class RowSelectedLinear(nn.Module):
-    """`nn.Linear` or GPT-2 `Conv1D` whose weight and / or bias come per batch row from tables.
+class _RowSelected(nn.Module):
+    """A base layer whose weight and / or bias come per batch row from tables `[n, *tensor shape]`.
 
     Args:
         layer: The base layer; supplies whichever of weight and bias has no table.
-        weight_table: `[n, *layer.weight.shape]` (the layer's own layout), or None to keep the layer's weight.
-        bias_table: `[n, out]`, or None to keep the layer's bias.
+        weight_table: `[n, *layer.weight.shape]`, or None to keep the layer's weight.
+        bias_table: `[n, *layer.bias.shape]`, or None to keep the layer's bias.
         selection: The rows' adapter indices.
     """
 
@@ -132,14 +131,18 @@ class RowSelectedLinear(nn.Module):
         self.weight_table = weight_table
         self.bias_table = bias_table
         self.selection = selection
-        self.fan_in_fan_out = isinstance(layer, Conv1D)  # Conv1D stores its weight [in, out]
+
+
+class RowSelectedLinear(_RowSelected):
+    """`nn.Linear` or GPT-2 `Conv1D` (which stores its weight `[in, out]`) with per-row weight and / or bias."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fan_in_fan_out = isinstance(self.layer, Conv1D)
         if self.weight_table is None:
-            result = F.linear(x, self.layer.weight.T if self.fan_in_fan_out else self.layer.weight)
+            result = F.linear(x, self.layer.weight.T if fan_in_fan_out else self.layer.weight)
         else:
             weights = self.selection.pick(self.weight_table)  # [batch, *weight shape]
-            weights = weights if self.fan_in_fan_out else weights.transpose(1, 2)  # [batch, in, out]
+            weights = weights if fan_in_fan_out else weights.transpose(1, 2)  # [batch, in, out]
             rows = x.reshape(x.shape[0], -1, x.shape[-1])  # [batch, positions, in]
             result = torch.bmm(rows, weights).reshape(x.shape[:-1] + weights.shape[-1:])
         if self.bias_table is not None:
@@ -147,21 +150,8 @@ class RowSelectedLinear(nn.Module):
         return result if self.layer.bias is None else result + self.layer.bias
 
 
-class RowSelectedLayerNorm(nn.Module):
+class RowSelectedLayerNorm(_RowSelected):
     """`nn.LayerNorm` whose weight and / or bias come per batch row from tables `[n, *normalized_shape]`."""
-
-    def __init__(
-        self,
-        layer: nn.LayerNorm,
-        weight_table: nn.Parameter | None,
-        bias_table: nn.Parameter | None,
-        selection: RowSelection,
-    ) -> None:
-        super().__init__()
-        self.layer = layer
-        self.weight_table = weight_table
-        self.bias_table = bias_table
-        self.selection = selection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
@@ -219,12 +209,12 @@ def build_bank(
         raise IncompatibleAdapterError("a bank needs at least one adapter")
     plans: list[Plan] = [build_plan([adapter], tensors, rounding) for adapter in adapters]
     first, first_plan = adapters[0], plans[0]
-    reference = first_plan.projections[str(first.path)]
+    reference = first_plan.projections[first]
     replaced = list(first_plan.replacements)
     layers: dict[str, TargetLayer] = {}
     problems = []
     for adapter, plan in zip(adapters, plans):
-        projections = plan.projections[str(adapter.path)]
+        projections = plan.projections[adapter]
         if adapter.config.r != first.config.r:
             problems.append(f"{adapter.path}: r is {adapter.config.r}, {first.path}'s is {first.config.r}")
         elif not _same_projections(projections, reference):
@@ -256,6 +246,22 @@ def build_bank(
     return Bank(pinned, layers, replaced, reference, warnings)
 
 
+def stack_inputs(
+    adapters: Sequence[VeraAdapter], shapes: Mapping[str, Sequence[int]], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """A bank's tables: for each graph input, the adapters' tensors stacked `[n, *shape]`, in `dtype`.
+
+    An adapter without lambdas for a layer gets zeros there (its delta is then exactly zero, as PEFT leaves the
+    layer alone). Trained tensors must be present in every adapter (`build_bank` checks that).
+    """
+    found = [trained_inputs(adapter) for adapter in adapters]
+    tables = {}
+    for name, shape in shapes.items():
+        zeros = torch.zeros(tuple(shape), dtype=dtype) if name.endswith((".lambda_b", ".lambda_d")) else None
+        tables[name] = torch.stack([f[name].to(dtype) if name in f else zeros for f in found])
+    return tables
+
+
 def _same_projections(ours: Projections, theirs: Projections) -> bool:
     return all(
         a.shape == b.shape and torch.equal(a.float(), b.float())
@@ -285,7 +291,7 @@ def apply_bank(model: nn.Module, bank: Bank, tables: Mapping[str, nn.Parameter])
     Args:
         model: The base model, in the dtype of `tables`.
         bank: From `build_bank`.
-        tables: The tables by graph input name (`ort_adapter.lambda_input`, `ort_adapter.tensor_input`), each
+        tables: The tables by graph input name (`signature.lambda_input`, `signature.tensor_input`), each
             `[n, *shape]`; the module keeps these very objects, so they can be found again by identity.
 
     Returns:

@@ -1,0 +1,2 @@
+"""Reading and writing: input locations, safetensors headers, indexes, loading and writing tensors, overlapped
+streams, staged outputs and side files. Nothing here knows about VeRA."""

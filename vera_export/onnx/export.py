@@ -1,0 +1,186 @@
+"""`vera-export onnx`: the base model with VeRA adapters as an ONNX graph, verified in ONNX Runtime.
+
+Every mode loads the base in the signature's dtype and exports it with torch.onnx's dynamo exporter (see
+`graph`); what differs between modes is in `modes`. Projections are resolved against the base checkpoint as
+`merge` resolves them (regenerated ones rounded to a 16-bit base's dtype, as PEFT does), so the float32 graph of a
+16-bit base computes the function that PEFT's 16-bit model computes in 16-bit arithmetic.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+
+from ..adapter import VeraAdapter, load_adapter
+from ..errors import CheckpointError
+from ..io.index import ShardedTensorIndex
+from ..io.locations import Kind, locate
+from ..io.outputs import staged_output
+from ..io.side_files import copy_side_files
+from ..modeling import load_model, model_class
+from ..options import OnnxOptions, VerifyOnnxOptions
+from ..progress import stage_bar
+from ..reports import counted
+from ..verification import VerifyReport
+from . import graph as passes
+from .manifest import Manifest, projection_fingerprint
+from .modes import MODES, ExportMode, Resolution
+from .signature import TASKS, Task
+from .verify import verify_onnx
+
+_EXPORT_STAGES = ("loading", "tracing", "optimizing", "writing")
+
+
+@dataclass
+class OnnxReport:
+    """What an export wrote, and its verification when it ran."""
+
+    output: Path
+    mode: str
+    task: str
+    adapters: list[str]
+    files: list[str] = field(default_factory=list)
+    overridable: int = 0
+    seconds: float = 0.0
+    verification: VerifyReport | None = None
+    warnings: list[str] = field(default_factory=list)
+    command = "onnx"
+
+    @property
+    def ok(self) -> bool:
+        return self.verification is None or self.verification.ok
+
+    def text(self, quiet: bool = False) -> str:
+        line = (
+            f"exported {self.task} graph ({self.mode} mode, {counted(self.overridable, 'overridable tensor')}) "
+            f"to {self.output}: {', '.join(self.files)} ({self.seconds:.1f} s)"
+        )
+        return line if self.verification is None else line + "\n" + self.verification.text(quiet)
+
+
+def resolve_task(base: Path, task: str) -> Task:
+    """The task to export: `task` itself, checked against the architecture, or the one `"auto"` picks.
+
+    Raises:
+        CheckpointError: The architecture does not do `task`, or `"auto"` cannot tell.
+    """
+    architecture = model_class(base).__name__
+    if task == "auto":
+        found = next((t for t in TASKS.values() if architecture.endswith(t.suffixes)), None)
+        if found is None:
+            raise CheckpointError(
+                f"{base}: cannot tell the task of {architecture}; pass --task ({', '.join(TASKS)})"
+            )
+        return found
+    chosen = TASKS[task]
+    if not chosen.base_model and not architecture.endswith(chosen.suffixes):
+        raise CheckpointError(
+            f"{base}: {architecture} is not a {task} model; pass --task auto or --task feature-extraction"
+        )
+    return chosen
+
+
+def export_onnx(
+    base: str | Path,
+    adapters: Sequence[str | Path | VeraAdapter],
+    output: str | Path,
+    options: OnnxOptions = OnnxOptions(),
+) -> OnnxReport:
+    """Export the base model with VeRA adapters to `OUTPUT/model.onnx`, then verify it (unless told not to).
+
+    Writes `model.onnx` (and `model.onnx.data` with external data), `vera_export.json` (see `manifest`) and the
+    base's config and tokenizer files. This is the `onnx` command (`vera_export.onnx` is this package).
+
+    Args:
+        base: Hugging Face model directory (config.json and safetensors weights).
+        adapters: PEFT VeRA adapter directories or loaded adapters; exactly one in adapter mode; in bank mode
+            row k of the bank is `adapters[k]`.
+        output: Directory to create; written in full or not at all.
+        options: See `OnnxOptions`.
+
+    Returns:
+        The report; `report.ok` is the verdict when verification ran.
+
+    Raises:
+        AdapterError, IncompatibleAdapterError, CheckpointError, OutputError: Before anything is written.
+    """
+    started = time.perf_counter()
+    base, output = locate(base, Kind.BASE), Path(output)
+    mode = MODES[options.mode]
+    index = ShardedTensorIndex.from_dir(base)
+    resolution = mode.resolve(
+        index, [load_adapter(a, options.allow_pickle) for a in adapters], options.rounding
+    )
+    task = resolve_task(base, options.task)
+    signature = mode.signature(task)
+    external_data = passes.needs_external_data(index, signature.dtype, options.external_data)
+    adapter_paths = [str(a.path) for a in resolution.adapters]
+    report = OnnxReport(output, mode.name, task.name, adapter_paths, warnings=list(resolution.warnings))
+    stages = [*_EXPORT_STAGES, *(["verifying"] if options.verify else [])]
+    with stage_bar(stages, f"exporting ({mode.name})", options.progress) as start:
+        with staged_output(output, [base, *(a.path for a in resolution.adapters)], options.force) as staging:
+            manifest = Manifest(
+                mode=mode.name,
+                task=task.name,
+                output=task.output,
+                opset=options.opset,
+                adapters=adapter_paths,
+                rounding=options.rounding.value,
+                base_tensors={
+                    name: (str(info.dtype).removeprefix("torch."), list(info.shape))
+                    for name, info in index.tensors.items()
+                },
+            )
+            graph = _build_graph(base, mode, resolution, task, options.opset, manifest, start)
+            start("writing")
+            passes.save(graph, staging, external_data)
+            del graph  # its weights, before verification loads the model twice more
+            manifest.write(staging)
+            report.warnings.extend(copy_side_files(base, staging, index.shards))
+            report.files = sorted(p.name for p in staging.iterdir())
+            report.overridable = len(manifest.overridable)
+        if options.verify:
+            start("verifying")
+            report.verification = verify_onnx(
+                output, base, resolution.adapters, VerifyOnnxOptions(allow_pickle=options.allow_pickle)
+            )
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _build_graph(
+    base: Path,
+    mode: ExportMode,
+    resolution: Resolution,
+    task: Task,
+    opset: int,
+    manifest: Manifest,
+    start: Callable[[str], None],
+) -> ir.Model:
+    """The optimized graph; records its overridable inputs and projections in `manifest`.
+
+    Calls `start` with each of the loading, tracing and optimizing stages.
+    """
+    signature = mode.signature(task)
+    start("loading")
+    model = load_model(base, signature.dtype)
+    start("tracing")
+    module, trained = mode.module(model, resolution, task)
+    graph = passes.trace(module, signature, opset, type(module.body).__name__)
+    shared = set()
+    if resolution.projections is not None:
+        projections = resolution.projections
+        vera_A, vera_B = (p.to(signature.dtype) for p in (projections.vera_A, projections.vera_B))
+        shared = passes.name_projections(graph, vera_A, vera_B)
+        manifest.overridable = passes.expose_trained_tensors(graph, module, trained)
+        manifest.projections = projection_fingerprint(resolution.adapters[0], projections)
+        manifest.layers, manifest.replaced = resolution.layers, resolution.replaced
+    del model, module
+    start("optimizing")
+    passes.optimize(graph, shared)
+    mode.after_optimize(graph, manifest)
+    return graph

@@ -1,0 +1,100 @@
+"""Floating point facts the fold and its checks share: compute dtypes, significands, ulps, error bounds, and
+exact arithmetic for the few elements where float64 cannot vouch for a sum."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+# Precision the fold runs in, by weight dtype.
+_COMPUTE_DTYPES = {
+    torch.bfloat16: torch.float32,
+    torch.float16: torch.float32,
+    torch.float32: torch.float64,
+    torch.float64: torch.float64,
+}
+FOLDABLE_DTYPES = frozenset(_COMPUTE_DTYPES)
+SIGNIFICAND_BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24, torch.float64: 53}
+
+
+def compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a weight of `weight_dtype` is folded in: float32 for 16-bit weights, float64 for float32."""
+    try:
+        return _COMPUTE_DTYPES[weight_dtype]
+    except KeyError:
+        raise TypeError(
+            f"cannot fold into a {weight_dtype} weight; only floating point weights are adapted"
+        ) from None
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Half the spacing of `dtype` at 1: the largest relative error of rounding to nearest in `dtype`."""
+    return 2.0 ** -SIGNIFICAND_BITS[dtype]
+
+
+def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The unit in the last place of `values` (any float tensor) if they were stored in `dtype`, as float64."""
+    info = torch.finfo(dtype)
+    digits = SIGNIFICAND_BITS[dtype]
+    _, exponent = torch.frexp(values.double().abs())
+    smallest = math.ldexp(info.tiny, 1 - digits)  # spacing of subnormals
+    return torch.ldexp(torch.ones_like(values, dtype=torch.float64), exponent - digits).clamp_min(smallest)
+
+
+def gamma(n: int, dtype: torch.dtype) -> float:
+    """Higham's `gamma_n = n u / (1 - n u)`: bounds the relative error of n roundings in `dtype`."""
+    u = torch.finfo(dtype).eps / 2
+    return n * u / (1 - n * u)
+
+
+def smallest_magnitude(tensor: torch.Tensor) -> float:
+    """The smallest non-zero |element| (in float64), or infinity when there is none."""
+    magnitudes = tensor.abs().double()
+    return magnitudes.masked_fill_(magnitudes == 0, math.inf).min().item() if tensor.numel() else math.inf
+
+
+def largest_magnitude(tensor: torch.Tensor) -> float:
+    """The largest |element| (in float64), or 0 when there is none."""
+    return tensor.abs().double().max().item() if tensor.numel() else 0.0
+
+
+def narrow(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`values` rounded once, to nearest, to `dtype`.
+
+    torch rounds float64 to float16 and bfloat16 by way of float32, twice, which can land one ulp off at a
+    midpoint, and turn a sum just below the overflow threshold into infinity. Rounding to odd in float32 first
+    (toward zero, then the last bit set if anything was lost) keeps the information the second rounding needs:
+    float32's 24 bits are at least 2 more than float16's 11 and bfloat16's 8.
+    """
+    if values.dtype != torch.float64 or dtype in (torch.float32, torch.float64):
+        return values.to(dtype)
+    nearest = values.to(torch.float32)
+    toward_zero = torch.where(
+        nearest.double().abs() > values.abs(), torch.nextafter(nearest, torch.zeros_like(nearest)), nearest
+    )
+    inexact = toward_zero.double() != values
+    odd = torch.where(inexact, toward_zero.view(torch.int32) | 1, toward_zero.view(torch.int32))
+    return odd.view(torch.float32).to(dtype)
+
+
+def exact_sums(w: torch.Tensor, left_rows: torch.Tensor, right_cols: torch.Tensor) -> torch.Tensor:
+    """`w + sum(left_rows * right_cols, dim=1)` correctly rounded to float64, via error-free products.
+
+    Factors are exact products of two float32 values: float64 numbers between about 1e-90 and 1e77. Veltkamp's
+    split cuts each into two halves of at most 26 significant bits, so every partial product is exact in float64
+    (far from its underflow), and `math.fsum` adds exactly.
+    """
+    l_hi, l_lo = _split(left_rows.cpu().numpy())
+    r_hi, r_lo = _split(right_cols.cpu().numpy())
+    parts = np.concatenate([l_hi * r_hi, l_hi * r_lo, l_lo * r_hi, l_lo * r_lo], axis=1)
+    sums = [math.fsum([wk, *row]) for wk, row in zip(w.cpu().tolist(), parts)]
+    return torch.tensor(sums, dtype=torch.float64)
+
+
+def _split(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Veltkamp's split: `x = hi + lo` exactly, each with at most 26 significant bits (for |x| below 1e300)."""
+    c = x * 134217729.0  # 2**27 + 1
+    hi = c - (c - x)
+    return hi, x - hi
