@@ -27,6 +27,10 @@ class _Terminated(BaseException):
     """SIGTERM or SIGHUP: unwinds like KeyboardInterrupt, so staged outputs are removed on the way out."""
 
 
+class Interrupted(Exception):
+    """What the JSON envelope reports when a signal stopped the run."""
+
+
 def _terminate(signum: int, frame) -> None:
     raise _Terminated(signum)
 
@@ -78,11 +82,11 @@ class _Command(click.Command):
                 ctx.exit(EXIT_ERROR)
             except (_Terminated, KeyboardInterrupt) as exc:
                 signum = exc.args[0] if isinstance(exc, _Terminated) else signal.SIGINT
-                name = signal.Signals(signum).name
-                click.echo(
-                    f"error: stopped by {name}; nothing partial was left under the output name", err=True
+                stopped = Interrupted(
+                    f"stopped by {signal.Signals(signum).name}; nothing partial was left under the output name"
                 )
-                _emit(self.name, as_json, error=exc, exit_code=128 + signum, warnings=raised)
+                click.echo(f"error: {stopped}", err=True)
+                _emit(self.name, as_json, error=stopped, exit_code=128 + signum, warnings=raised)
                 ctx.exit(128 + signum)
         for line in report.warnings:
             click.echo(f"warning: {line}", err=True)
@@ -163,7 +167,7 @@ class _Group(click.Group):
             exc.show()
             if "--json" in argv:
                 name = next((a for a in argv if a in self.commands), "vera-export")
-                _emit(name, True, error=exc, exit_code=exc.exit_code)
+                _emit(name, True, error=click.UsageError(exc.format_message()), exit_code=exc.exit_code)
             sys.exit(exc.exit_code)
         except click.Abort:
             click.echo("Aborted!", err=True)

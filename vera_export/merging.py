@@ -50,7 +50,7 @@ class MergeReport(JsonFields):
         warnings: Things the user should know.
     """
 
-    command: str
+    command: str = field(repr=False)
     output: Path
     adapters: list[str]
     folded: list[str] = field(default_factory=list)

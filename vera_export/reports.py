@@ -52,8 +52,9 @@ class JsonFields:
 
 
 def to_json(value: Any) -> Any:
-    """`value` as JSON-compatible data: dataclasses as objects (with their `json_properties`), paths as strings,
-    enums as their values, tuples as lists, and non-finite floats as null (strict JSON has no NaN)."""
+    """`value` as JSON-compatible data: dataclasses as objects (their fields, less those with `repr=False`, plus
+    their `json_properties`), paths as strings, enums as their values, tuples and sets as lists, and non-finite
+    floats as null (strict JSON has no NaN)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         data = {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value) if f.repr}
         for name in getattr(value, "json_properties", ()):

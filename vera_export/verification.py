@@ -69,7 +69,7 @@ class Check:
 class VerifyReport(JsonFields):
     """All checks of one verification; `passed` only if every check passed."""
 
-    command: str = "verify"
+    command: str = field(default="verify", repr=False)
     checks: list[Check] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     json_properties = ("passed",)
