@@ -1,13 +1,15 @@
 """Time `vera-export merge` against the PEFT path, side by side, as whole processes; write benchmarks/RESULTS.md.
 
-    python benchmarks/merge_bench.py [--workdir /tmp/vera-export-bench] [--rounds 3]
+    python benchmarks/merge_bench.py [--workdir /tmp/vera-export-bench] [--rounds 3] [--baseline TREE]
 
 Builds (once) a TinyLlama-1.1B-shaped bf16 checkpoint with an all-linear r=256 VeRA adapter, and an 8-layer
 sibling (benchmarks/make_checkpoint.py). Each round runs every candidate once, in an order rotated per round so
 that no candidate always runs first or last; wall time comes from the parent, peak RSS from wait4's rusage of the
 child. Before each run its inputs are read once, so every candidate starts with them in the page cache (this VM
 evicts them between runs otherwise), and outputs are written without fsync (as transformers' save_pretrained
-does). Reported: best and median wall, best peak RSS, and ratios.
+does). Reported: best and median wall, best peak RSS, and ratios. With `--baseline TREE` (a checkout of another
+version, e.g. `git worktree add /tmp/before HEAD~3`), that version's merge runs interleaved with the others, from
+its own source tree, on the same inputs.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def run(candidate: Candidate) -> None:
     shutil.rmtree(candidate.output, ignore_errors=True)
 
 
-def candidates(workdir: Path) -> list[Candidate]:
+def candidates(workdir: Path, baseline: Path | None = None) -> list[Candidate]:
     base22, adapter22 = ensure(workdir, 22)
     base8, adapter8 = ensure(workdir, 8)
     python = sys.executable
@@ -88,6 +90,12 @@ def candidates(workdir: Path) -> list[Candidate]:
         "merge(sys.argv[1], [sys.argv[2]], sys.argv[3], MergeOptions(progress=False, overlap=False))"
     )
     inputs22, inputs8 = [base22, adapter22], [base8, adapter8]
+    extra = []
+    if baseline is not None:
+        # The baseline tree first on sys.path: its vera_export, not this one (checked in the run's stderr).
+        code = f"import sys; sys.path.insert(0, {str(baseline)!r}); from vera_export.cli import main; main()"
+        command = [python, "-c", code, *ours(base22, adapter22, "out-baseline")[3:]]
+        extra.append(Candidate(f"baseline ({baseline.name})", command, inputs22, workdir / "out-baseline"))
     return [
         Candidate("vera-export merge", ours(base22, adapter22, "out-ours"), inputs22, workdir / "out-ours"),
         Candidate(
@@ -108,6 +116,7 @@ def candidates(workdir: Path) -> list[Candidate]:
             inputs8,
             workdir / "out-ours-8",
         ),
+        *extra,
     ]
 
 
@@ -128,7 +137,7 @@ def machine() -> str:
 
 
 def report(results: list[Candidate], rounds: int) -> str:
-    ours, bare, peft, ours8 = results
+    ours, bare, peft, ours8, *baseline = results
     lines = [
         "# Merge benchmark",
         "",
@@ -165,6 +174,12 @@ def report(results: list[Candidate], rounds: int) -> str:
         f"| peak RSS, 22 layers / 8 layers | {growth:.2f} | <= 1.2 ({'met' if growth <= 1.2 else 'missed'}) |",
         f"| wall, overlapped / bare loop | {overlap:.2f} | < 1 (overlap beats the sequential floor) |",
     ]
+    for other in baseline:
+        best = min(ours.walls) / min(other.walls)
+        per_round = statistics.median(a / b for a, b in zip(ours.walls, other.walls))
+        lines.append(
+            f"| wall, this tree / {other.name} (best; median of rounds) | {best:.2f}; {per_round:.2f} | about 1 |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -175,9 +190,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/vera-export-bench"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--baseline", type=Path, help="source tree of another version to run side by side")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = candidates(args.workdir)
+    print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
+    results = candidates(args.workdir, args.baseline)
     for round_number in range(args.rounds):
         order = results[round_number % len(results) :] + results[: round_number % len(results)]
         for candidate in order:

@@ -8,6 +8,7 @@ Every command takes `--json` (the envelope of `reports.envelope` on stdout, erro
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import signal
 import sys
@@ -104,8 +105,8 @@ def build_options(cls: type, params: dict[str, Any]) -> Any:
         value = params.pop(f.name)
         if f.metadata["negate"]:
             value = not value
-        if f.name == "rounding":
-            value = opts.Rounding(value)
+        elif isinstance(f.default, enum.Enum):
+            value = type(f.default)(value)
         values[f.name] = value
     return cls(**values)
 
@@ -115,23 +116,19 @@ def option_flags(f: dataclasses.Field) -> click.Option:
     meta = f.metadata
     name = meta["flag"] or "--" + f.name.replace("_", "-")
     kwargs: dict[str, Any] = {"help": meta["help"]}
-    if meta["negate"] or (f.type in ("bool",) and not f.default):
-        kwargs["is_flag"] = True
-        default = False
-    elif f.type in ("bool", "bool | None"):
-        if "/" not in name:
+    if meta["negate"]:  # the flag turns the field off: --quiet is progress=False
+        return click.Option([name, f.name], is_flag=True, default=False, **kwargs)
+    if f.type in ("bool", "bool | None"):
+        # A switch that is off by default is a plain flag; one that is on (or undecided) can be turned off.
+        if f.default is not False and "/" not in name:
             name = f"{name}/--no-{name.removeprefix('--')}"
-        default = f.default
-    else:
-        default = f.default.value if isinstance(f.default, opts.Rounding) else f.default
-        kwargs["show_default"] = default is not None
-        if meta["choices"]:
-            kwargs["type"] = click.Choice(meta["choices"])
-        elif meta["minimum"] is not None:
-            kwargs["type"] = click.IntRange(meta["minimum"], meta["maximum"])
-        elif f.type == "str":
-            kwargs["type"] = str
-    return click.Option([name, f.name], default=default, **kwargs)
+        return click.Option([name, f.name], is_flag=True, default=f.default, **kwargs)
+    default = f.default.value if isinstance(f.default, enum.Enum) else f.default
+    if meta["choices"]:
+        kwargs["type"] = click.Choice(meta["choices"])
+    elif meta["minimum"] is not None:
+        kwargs["type"] = click.IntRange(meta["minimum"], meta["maximum"])
+    return click.Option([name, f.name], default=default, show_default=default is not None, **kwargs)
 
 
 def command(name: str, options_class: type | None = None) -> Callable:

@@ -35,7 +35,7 @@ from ..options import ONNX_MODES, Rounding
 from ..plan import Projections, build_plan, pin_projections
 from ..verification import model_inputs
 from . import graph as passes
-from .bank import RowSelection, apply_bank, build_bank, stack_inputs
+from .bank import Bank, RowSelection, apply_bank, build_bank, stack_inputs
 from .manifest import Manifest
 from .signature import ADAPTER_INDEX, GraphInput, Signature, Task, lambda_input, tensor_input, token_signature
 
@@ -59,7 +59,7 @@ class Resolution:
     projections: Projections | None = None
     layers: list[str] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)
-    bank: object | None = None
+    bank: Bank | None = None
 
 
 class TaskOutput(nn.Module):
