@@ -1,7 +1,9 @@
-"""Session fixtures: the tiny models and adapters of fixtures/build.py, built once."""
+"""Fixtures for every test: the tiny models and adapters of fixtures/build.py (built once per session), private
+copies of one pair to break, and Ctrl-C that raises."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import warnings
 from pathlib import Path
@@ -10,6 +12,7 @@ import pytest
 import transformers
 
 from fixtures.build import build_all
+from tests.helpers import adapter_dir, base_dir
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +33,12 @@ def sigint_raises():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture
+def work(fixture_root: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """`(tmp_path, base, adapter)`: private copies of llama-qv's base and adapter that a test may break."""
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    shutil.copytree(base_dir(fixture_root, "llama-qv"), base)
+    shutil.copytree(adapter_dir(fixture_root, "llama-qv"), adapter)
+    return tmp_path, base, adapter

@@ -1,17 +1,21 @@
-"""Helpers shared by the tests: fixture paths, and PEFT as the reference."""
+"""Helpers shared by the tests: fixture paths, PEFT as the reference, and the command line run in process."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import transformers
+from click.testing import CliRunner, Result
+from safetensors.torch import load_file, save_file
 
 from fixtures.build import ADAPTERS, BASES
+from vera_export.cli import main
 
 
 def base_dir(root: Path, adapter: str) -> Path:
@@ -67,3 +71,75 @@ def restore_sigint() -> None:
     """For subprocesses (`preexec_fn`): Ctrl-C back to its default, so Python turns it into KeyboardInterrupt even
     where the suite was started with SIGINT ignored."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+# --- the command line -------------------------------------------------------------------------------------------
+
+
+def run_cli(*args: object) -> Result:
+    """`vera-export ARGS` in this process, exceptions not caught: a traceback fails the test, as it would a user."""
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def cli_merge(tmp_path: Path, base: Path, adapter: Path, *extra: str, output: Path | None = None) -> Result:
+    """`vera-export merge --quiet` of one adapter into `output` (default `tmp_path/out`)."""
+    output = output or tmp_path / "out"
+    return run_cli("merge", "--base", base, "--adapter", adapter, "--output", output, "--quiet", *extra)
+
+
+def assert_one_error_line(result: Result, *fragments: str) -> None:
+    """Exit 2 and exactly one line on stderr, `error: ...` holding every fragment; no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def digest(*paths: Path) -> str:
+    """A hash of every file under the paths: inputs must come out of a failed run byte-identical."""
+    h = hashlib.sha256()
+    for root in paths:
+        for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+            h.update(str(path).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def assert_clean_failure(
+    result: Result, tmp_path: Path, digest_before: str, inputs: tuple[Path, ...], *fragments: str
+) -> None:
+    """A failed `cli_merge`: one `error:` line with the fragments, exit 2, no output or staging directory left
+    in `tmp_path`, and the inputs byte-identical to `digest_before`."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name == "out" or p.name.startswith(".out.")]
+    assert leftovers == [], leftovers
+    assert digest(*inputs) == digest_before
+
+
+def edit_config(adapter: Path, **changes: object) -> None:
+    """Change fields of an adapter directory's `adapter_config.json` in place."""
+    path = adapter / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def edit_tensors(path: Path, change: Callable[[dict[str, torch.Tensor]], object]) -> None:
+    """Rewrite a safetensors file with `change` applied to its tensors (a dict, changed in place)."""
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def pickle_adapter(adapter: Path) -> None:
+    """Replace an adapter's safetensors weights by the same tensors in a `torch.save` pickle."""
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    (adapter / "adapter_model.safetensors").unlink()
+    torch.save(tensors, adapter / "adapter_model.bin")

@@ -1,314 +1,280 @@
-"""`vera-export` end to end: exit codes, one-line errors, JSON for CI, nothing left behind on failure."""
+"""The command line's own machinery: flags generated from the options classes (so CLI and API cannot drift),
+parsed flags turned into options, reports printed with their exit codes, and `--help` without torch."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 import subprocess
 import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
 
-from tests.helpers import adapter_dir, base_dir
-from vera_export.cli import main
+from tests.helpers import run_cli
+from vera_export.cli import _Command, build_options, main, option_flags
+from vera_export.errors import AdapterError, VeraExportError, VeraExportWarning
+from vera_export.options import ONNX_MODES, Rounding, VerifyOnnxOptions, VerifyOptions, flag, option_fields
 
-
-def run(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def _one_error_line(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
+COMMANDS = ["embed-projections", "inspect", "merge", "onnx", "onnx-adapter", "to-lora", "unmerge", "verify"]
+# What a command takes besides its options: where its inputs are and where its output goes.
+LOCATIONS = {"adapter", "adapters", "base", "merged", "model", "onnx_dir", "output"}
 
 
-def test_help_shows_examples() -> None:
-    assert "Example" in run("--help").output
-    for command in (
-        "merge",
-        "unmerge",
-        "inspect",
-        "verify",
-        "to-lora",
-        "embed-projections",
-        "onnx",
-        "onnx-adapter",
-    ):
-        result = run(command, "--help")
+def _required(name: str) -> list[str]:
+    """Placeholders for the required locations of `vera-export NAME`."""
+    required = []
+    for param in main.commands[name].params:
+        if param.required:
+            required += ["x"] if isinstance(param, click.Argument) else [param.opts[0], "x"]
+    return required
+
+
+def _parse(name: str, *args: str) -> dict:
+    """The parsed parameters of `vera-export NAME ARGS`, nothing run."""
+    with main.commands[name].make_context(name, [*_required(name), *args]) as ctx:
+        return dict(ctx.params)
+
+
+def test_the_subcommands_are_the_documented_ones() -> None:
+    assert sorted(main.commands) == COMMANDS
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_flags_are_exactly_the_options_fields_and_the_locations(name: str) -> None:
+    """Each field with a flag has exactly one option; every other option is a location, --json or --debug."""
+    command = main.commands[name]
+    fields = [f.name for f in option_fields(command.options_class)]
+    assert fields, name
+    params = [p.name for p in command.params]
+    for f in fields:
+        assert params.count(f) == 1, f
+    for param in command.params:
+        if param.name in fields:
+            continue
+        if param.name in ("as_json", "debug"):
+            assert isinstance(param, click.Option) and param.is_flag
+        else:
+            assert param.name in LOCATIONS and isinstance(param.type, click.Path), param.name
+    assert params.count("as_json") == params.count("debug") == 1
+
+
+def test_verify_onnx_takes_its_options_from_the_verify_flags() -> None:
+    """`verify --onnx` builds VerifyOnnxOptions from `verify`'s flags: each of its fields must be one of them."""
+    onnx_fields = {f.name: f for f in option_fields(VerifyOnnxOptions)}
+    verify_fields = {f.name: f for f in option_fields(VerifyOptions)}
+    assert onnx_fields.keys() <= verify_fields.keys()
+    for name, f in onnx_fields.items():
         assert (
-            result.exit_code == 0 and "Example" in result.output and "vera-export " + command in result.output
+            f.default == verify_fields[name].default
+            and f.metadata["flag"] == verify_fields[name].metadata["flag"]
         )
 
 
-def test_merge_verify_json(fixture_root, tmp_path) -> None:
-    base, adapter = base_dir(fixture_root, "gpt2-attn"), adapter_dir(fixture_root, "gpt2-attn")
-    result = run(
-        "merge",
-        "--base",
-        base,
-        "--adapter",
-        adapter,
-        "--output",
-        tmp_path / "out",
-        "--verify",
-        "--json",
-        "--quiet",
-    )
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)["result"]
-    assert len(report["folded"]) == 6 and report["verification"]["passed"] is True
-    assert (tmp_path / "out" / "model.safetensors").is_file()
-
-
-def test_verify_exit_code_and_json(fixture_root, tmp_path) -> None:
-    base, adapter = base_dir(fixture_root, "llama-qv"), adapter_dir(fixture_root, "llama-qv")
-    result = run(
-        "verify", "--base", base, "--adapter", adapter, "--merged", base, "--layers-only", "--json", "--quiet"
-    )
-    assert result.exit_code == 1
-    report = json.loads(result.stdout)["result"]
-    assert report["passed"] is False and any(not c["passed"] for c in report["checks"])
-
-
-def test_unmerge_reports_what_it_cannot_restore(fixture_root, tmp_path) -> None:
-    base, adapter = base_dir(fixture_root, "bert-cls"), adapter_dir(fixture_root, "bert-cls")
-    assert (
-        run("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "m", "--quiet").exit_code
-        == 0
-    )
-    result = run(
-        "unmerge", "--merged", tmp_path / "m", "--adapter", adapter, "--output", tmp_path / "u", "--quiet"
-    )
-    assert result.exit_code == 0
-    assert "warning:" in result.stderr and "classifier.weight" in result.stderr
-
-
-def test_onnx_commands_as_a_pipeline_runs_them(fixture_root, tmp_path) -> None:
-    """Export with the stage bar, verify for CI, catch a changed adapter, write it as an ONNX Runtime adapter file."""
-    base, adapter = base_dir(fixture_root, "gpt2-attn"), adapter_dir(fixture_root, "gpt2-attn")
-    graph = tmp_path / "graph"
-    result = run(
-        "onnx", "--base", base, "--adapter", adapter, "--output", graph, "--mode", "adapter", "--json"
-    )
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)["result"]
-    assert (
-        report["mode"] == "adapter"
-        and report["verification"]["passed"] is True
-        and "model.onnx" in report["files"]
-    )
-    assert "exporting (adapter)" in result.stderr
-
-    result = run("verify", "--base", base, "--adapter", adapter, "--onnx", graph, "--json", "--quiet")
-    assert (
-        result.exit_code == 0 and json.loads(result.stdout)["result"]["passed"] is True and not result.stderr
-    )
-
-    changed = tmp_path / "changed"
-    shutil.copytree(adapter, changed)
-    tensors = load_file(changed / "adapter_model.safetensors")
-    key = next(k for k in tensors if k.endswith("vera_lambda_b"))
-    tensors[key] = tensors[key] * 1.5
-    save_file(tensors, changed / "adapter_model.safetensors")
-    result = run("verify", "--base", base, "--adapter", changed, "--onnx", graph, "--json", "--quiet")
-    assert result.exit_code == 1 and json.loads(result.stdout)["result"]["passed"] is False
-
-    result = run(
-        "onnx-adapter",
-        "--model",
-        graph,
-        "--adapter",
-        changed,
-        "--output",
-        tmp_path / "c.onnx_adapter",
-        "--json",
-    )
-    assert result.exit_code == 0, result.output
-    assert (
-        json.loads(result.stdout)["result"]["bytes_written"] == (tmp_path / "c.onnx_adapter").stat().st_size
-    )
-
-
-def test_inspect_text_and_json(fixture_root) -> None:
-    adapter = adapter_dir(fixture_root, "llama-qv")
-    text = run("inspect", adapter)
-    assert (
-        text.exit_code == 0
-        and "r           8" in text.output
-        and "equal to what the key regenerates" in text.output
-    )
-    result = run("inspect", adapter, "--base", base_dir(fixture_root, "llama-qv"), "--json")
-    report = json.loads(result.stdout)["result"]
-    assert result.exit_code == 0 and report["compatible"] is True
-    assert report["projections"]["regenerated_equal"] is True and len(report["layers"]) == 4
-
-
-def test_inspect_lists_every_incompatibility(fixture_root) -> None:
-    result = run(
-        "inspect",
-        adapter_dir(fixture_root, "llama-all-noproj"),
-        "--base",
-        base_dir(fixture_root, "gpt2-attn"),
-        "--json",
-    )
-    report = json.loads(result.stdout)["result"]
-    assert result.exit_code == 1 and report["compatible"] is False
-    assert len(report["problems"]) == 14  # every targeted layer of the Llama adapter, at once
+@pytest.mark.parametrize("name", COMMANDS)
+def test_no_flags_give_the_python_api_s_defaults(name: str) -> None:
+    cls = main.commands[name].options_class
+    params = _parse(name)
+    assert build_options(cls, params) == cls()
+    assert params.keys() <= LOCATIONS | {"as_json", "debug"}  # the fields were taken out
 
 
 @pytest.mark.parametrize(
-    "make_args, fragments",
+    ("name", "args", "expected"),
     [
+        ("merge", ["--quiet"], {"progress": False}),
+        ("merge", ["--rounding", "separate"], {"rounding": Rounding.SEPARATE}),
+        ("merge", ["--verify", "--device", "cuda:1"], {"verify": True, "device": "cuda:1"}),
         (
-            lambda root, tmp: [
-                "merge",
-                "--base",
-                tmp / "nope",
-                "--adapter",
-                adapter_dir(root, "llama-qv"),
-                "--output",
-                tmp / "o",
-            ],
-            ["nope"],
+            "merge",
+            ["--force", "--fsync", "--allow-pickle"],
+            {"force": True, "fsync": True, "allow_pickle": True},
         ),
-        (
-            lambda root, tmp: [
-                "merge",
-                "--base",
-                base_dir(root, "llama-qv"),
-                "--adapter",
-                tmp / "nope",
-                "--output",
-                tmp / "o",
-            ],
-            ["nope"],
-        ),
-        (
-            lambda root, tmp: [
-                "merge",
-                "--base",
-                base_dir(root, "gpt2-attn"),
-                "--adapter",
-                adapter_dir(root, "llama-qv"),
-                "--output",
-                tmp / "o",
-            ],
-            ["does not fit", "q_proj"],
-        ),
-        (
-            lambda root, tmp: [
-                "merge",
-                "--base",
-                base_dir(root, "llama-qv"),
-                "--adapter",
-                adapter_dir(root, "llama-qv"),
-                "--output",
-                base_dir(root, "llama-qv") / "sub",
-            ],
-            ["overlaps"],
-        ),
+        ("unmerge", ["--quiet", "--rounding", "fma"], {"progress": False, "rounding": Rounding.FMA}),
+        ("verify", ["--layers-only"], {"full_model": False}),
+        ("verify", ["--full-model", "--quiet"], {"full_model": True, "progress": False}),
+        ("onnx", ["--no-verify", "--mode", "bank"], {"verify": False, "mode": "bank"}),
+        ("onnx", ["--external-data"], {"external_data": True}),
+        ("onnx", ["--no-external-data", "--opset", "23"], {"external_data": False, "opset": 23}),
+        ("onnx", ["--task", "feature-extraction"], {"task": "feature-extraction"}),
+        ("onnx-adapter", ["--force"], {"force": True}),
+        ("to-lora", ["--rank", "4", "--dtype", "bfloat16"], {"rank": 4, "dtype": "bfloat16"}),
+        ("embed-projections", ["--rounding", "separate"], {"rounding": Rounding.SEPARATE}),
+        ("inspect", ["--allow-pickle"], {"allow_pickle": True}),
     ],
-    ids=["missing base", "missing adapter", "adapter for another model", "output inside base"],
 )
-def test_bad_input_is_one_line_exit_2_and_no_output(fixture_root, tmp_path, make_args, fragments) -> None:
-    args = make_args(fixture_root, tmp_path)
-    _one_error_line(run(*args), *fragments)
-    assert not (tmp_path / "o").exists()
-    assert not any(p.name.startswith(".o.") for p in tmp_path.iterdir())
+def test_flags_become_the_options(name: str, args: list[str], expected: dict) -> None:
+    cls = main.commands[name].options_class
+    options = build_options(cls, _parse(name, *args))
+    assert options == dataclasses.replace(cls(), **expected)
+    assert all(type(getattr(options, k)) is type(v) for k, v in expected.items())
 
 
-def test_lora_adapter_is_refused(fixture_root, tmp_path) -> None:
-    lora = tmp_path / "lora"
-    shutil.copytree(adapter_dir(fixture_root, "llama-qv"), lora)
-    config = json.loads((lora / "adapter_config.json").read_text())
-    (lora / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
-    result = run(
-        "merge", "--base", base_dir(fixture_root, "llama-qv"), "--adapter", lora, "--output", tmp_path / "o"
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        ("onnx", ["--opset", "17"]),
+        ("onnx", ["--opset", "24"]),
+        ("onnx", ["--mode", "lora"]),
+        ("to-lora", ["--rank", "0"]),
+        ("to-lora", ["--dtype", "float64"]),
+        ("merge", ["--rounding", "avx"]),
+    ],
+)
+def test_values_the_options_refuse_are_usage_errors(name: str, args: list[str]) -> None:
+    result = CliRunner().invoke(main, [name, *_required(name), *args])
+    assert result.exit_code == 2 and "Invalid value" in result.output and result.exception is not None
+    assert not isinstance(result.exception, (ValueError, VeraExportError))
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        ([], "pass exactly one of --merged and --onnx"),
+        (["--merged", "m", "--onnx", "o"], "pass exactly one of --merged and --onnx"),
+        (["--onnx", "o", "--rounding", "separate"], "--rounding do not apply to --onnx"),
+        (["--onnx", "o", "--layers-only"], "--full-model do not apply to --onnx"),
+    ],
+)
+def test_verify_refuses_flags_that_do_not_apply(args: list[str], fragment: str) -> None:
+    result = CliRunner().invoke(main, ["verify", "--base", "b", "--adapter", "a", *args])
+    assert result.exit_code == 2 and fragment in result.output
+
+
+@pytest.mark.parametrize("args", [["--debug", "inspect", "missing"], ["inspect", "missing", "--debug"]])
+def test_debug_before_or_after_the_command_shows_the_traceback(tmp_path: Path, args: list[str]) -> None:
+    args = [str(tmp_path / a) if a == "missing" else a for a in args]
+    result = CliRunner().invoke(main, args)
+    assert isinstance(result.exception, AdapterError) and result.exc_info is not None
+    without = CliRunner().invoke(main, [a for a in args if a != "--debug"])
+    assert without.exit_code == 2 and isinstance(without.exception, SystemExit)
+
+
+def test_help_imports_neither_torch_nor_onnx() -> None:
+    """`vera-export --help` (and each command's) answers at once: nothing heavy is imported before a command runs."""
+    code = (
+        "import sys\n"
+        "from vera_export.cli import main\n"
+        "for args in (['--help'], *([name, '--help'] for name in main.commands)):\n"
+        "    assert main(args, standalone_mode=False) == 0\n"
+        "heavy = ('torch', 'onnx', 'onnxruntime', 'transformers', 'safetensors', 'numpy')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
     )
-    _one_error_line(result, "LORA", "VERA")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "Usage: " in result.stdout and result.stdout.splitlines()[-1] == "[]"
 
 
-def test_existing_output_needs_force(fixture_root, tmp_path) -> None:
-    base, adapter = base_dir(fixture_root, "llama-qv"), adapter_dir(fixture_root, "llama-qv")
-    (tmp_path / "o").mkdir()
-    (tmp_path / "o" / "keep.txt").write_text("mine")
-    _one_error_line(
-        run("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "o", "--quiet"), "--force"
+# --- how a command's report is printed -------------------------------------------------------------------------
+
+
+@dataclass
+class FakeReport:
+    ok: bool = True
+    warnings: list[str] = field(default_factory=list)
+    command = "fake"
+
+    def text(self, quiet: bool = False) -> str:
+        return "only what needs attention" if quiet else "everything"
+
+
+@dataclass(frozen=True)
+class FakeOptions:
+    progress: bool = flag(True, "No progress bar.", "--quiet", negate=True)
+
+
+def _command(callback, options_class: type | None = None) -> click.Command:
+    """A command built as `vera-export`'s are, outside `main`."""
+    params = [option_flags(f) for f in option_fields(options_class)] if options_class else []
+    params += [click.Option(["--json", "as_json"], is_flag=True), click.Option(["--debug"], is_flag=True)]
+    return _Command("fake", callback=callback, params=params, options_class=options_class)
+
+
+def _invoke(callback, *args: str, options_class: type | None = FakeOptions):
+    return CliRunner().invoke(_command(callback, options_class), list(args))
+
+
+@pytest.mark.parametrize(("ok", "code"), [(True, 0), (False, 1)])
+def test_a_report_prints_its_text_and_exits_with_its_verdict(ok: bool, code: int) -> None:
+    result = _invoke(lambda options: FakeReport(ok=ok))
+    assert (result.exit_code, result.stdout, result.stderr) == (code, "everything\n", "")
+    quiet = _invoke(lambda options: FakeReport(ok=ok), "--quiet")
+    assert (quiet.exit_code, quiet.stdout) == (code, "only what needs attention\n")
+
+
+def test_the_callback_receives_its_options() -> None:
+    seen = []
+    _invoke(lambda options: seen.append(options) or FakeReport(), "--quiet")
+    assert seen == [FakeOptions(progress=False)]
+
+
+def test_our_warnings_are_one_line_each_and_others_are_silent() -> None:
+    def callback(options):
+        warnings.warn("a stale staging directory", VeraExportWarning, stacklevel=1)
+        warnings.warn("a library's chatter", UserWarning, stacklevel=1)
+        return FakeReport(warnings=["a report warning"])
+
+    result = _invoke(callback)
+    assert result.exit_code == 0
+    assert result.stderr.splitlines() == ["warning: a stale staging directory", "warning: a report warning"]
+    envelope = json.loads(_invoke(callback, "--json").stdout)
+    assert envelope["warnings"] == ["a stale staging directory", "a report warning"]
+
+
+def test_an_expected_error_is_one_line_and_exit_2() -> None:
+    def callback(options):
+        raise AdapterError("adapter.json: field 'r'\n   is 0")
+
+    result = _invoke(callback)
+    assert (result.exit_code, result.stdout, result.stderr) == (
+        2,
+        "",
+        "error: adapter.json: field 'r' is 0\n",
     )
-    assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
+    envelope = json.loads(_invoke(callback, "--json").stdout)
+    assert envelope["exit_code"] == 2 and envelope["result"] is None
+    assert envelope["error"] == {"type": "AdapterError", "message": "adapter.json: field 'r' is 0"}
+    assert isinstance(_invoke(callback, "--debug").exception, AdapterError)
+
+
+def test_ctrl_c_is_exit_130_and_says_nothing_partial_was_left() -> None:
+    def callback(options):
+        raise KeyboardInterrupt
+
+    result = _invoke(callback)
+    assert result.exit_code == 130
+    assert result.stderr.startswith("error: stopped by SIGINT") and "nothing partial" in result.stderr
+    assert json.loads(_invoke(callback, "--json").stdout)["exit_code"] == 130
+
+
+def test_a_bug_keeps_its_traceback() -> None:
+    def callback(options):
+        raise RuntimeError("a bug")
+
+    result = _invoke(callback)
+    assert isinstance(result.exception, RuntimeError) and "error:" not in result.stderr
+
+
+def test_a_command_without_options_gets_none() -> None:
+    result = _invoke(lambda: FakeReport(), options_class=None)
+    assert (result.exit_code, result.stdout) == (0, "everything\n")
+
+
+def test_the_real_entry_point_runs_a_command(tmp_path: Path) -> None:
+    """`run_cli` goes through `main` as the console script does: an error there is one line too."""
+    result = run_cli("onnx-adapter", "--model", tmp_path, "--adapter", tmp_path, "--output", tmp_path / "x")
     assert (
-        run(
-            "merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "o", "--quiet", "--force"
-        ).exit_code
-        == 0
-    )
-    assert not (tmp_path / "o" / "keep.txt").exists() and (tmp_path / "o" / "model.safetensors").is_file()
-
-
-def test_console_script_runs(fixture_root, tmp_path) -> None:
-    """The installed entry point, in a real process: an error is one line without traceback."""
-    result = subprocess.run(
-        [sys.executable, "-m", "vera_export", "inspect", str(tmp_path / "missing")],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2
-    assert (
-        result.stderr.strip().count("\n") == 0
-        and "missing" in result.stderr
-        and "Traceback" not in result.stderr
+        result.exit_code == 2 and result.stderr.startswith("error: ") and "vera_export.json" in result.stderr
     )
 
 
-def test_to_lora_and_embed_projections(fixture_root, tmp_path) -> None:
-    name = "gpt2-attn"
-    base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
-    result = run(
-        "to-lora",
-        "--base",
-        base,
-        "--adapter",
-        adapter,
-        "--output",
-        tmp_path / "lora",
-        "--rank",
-        "4",
-        "--json",
-    )
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)["result"]
-    assert report["rank"] == 4 and not report["exact"] and 0 < report["total_truncation_error"] < 1
-    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    assert "warning:" in result.stderr  # vLLM refuses trained biases
-    assert "truncating layers to rank 4" in result.stderr  # the progress bar's label
-    quiet = run(
-        "to-lora", "--base", base, "--adapter", adapter, "--output", tmp_path / "quiet", "--quiet", "--json"
-    )
-    assert quiet.exit_code == 0 and "layers" not in quiet.stderr
-    result = run("embed-projections", "--base", base, "--adapter", adapter, "--output", tmp_path / "embedded")
-    assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "embedded" / "adapter_config.json").read_text())["save_projection"] is True
-    _one_error_line(
-        run(
-            "embed-projections",
-            "--base",
-            base,
-            "--adapter",
-            tmp_path / "embedded",
-            "--output",
-            tmp_path / "again",
-        ),
-        "already stores",
-    )
-
-
-def test_debug_shows_the_traceback(tmp_path) -> None:
-    result = CliRunner().invoke(main, ["--debug", "inspect", str(tmp_path / "missing")])
-    assert result.exit_code != 0 and result.exc_info is not None
-    assert type(result.exception).__name__ == "AdapterError"
+def test_every_flag_has_help_and_choices_are_shown() -> None:
+    for name in COMMANDS:
+        for param in main.commands[name].params:
+            if isinstance(param, click.Option):
+                assert param.help, (name, param.name)
+    mode = next(p for p in main.commands["onnx"].params if p.name == "mode")
+    assert tuple(mode.type.choices) == ONNX_MODES

@@ -203,23 +203,6 @@ def test_merge_on_gpu_keeps_the_one_ulp_rule(fixture_root, tmp_path, name: str) 
         assert ((after[key].double() - value).abs() <= ulp(value, after[key].dtype)).all(), key
 
 
-def test_an_adapter_saved_in_float64_loads_as_peft_loads_it(fixture_root, tmp_path) -> None:
-    """PEFT keeps lambdas and projections in float32: float64 values load rounded, and fold as such."""
-    source = adapter_dir(fixture_root, "llama-qv")
-    tensors = {
-        k: v.double() * (1 + 2.0**-30) for k, v in load_file(source / "adapter_model.safetensors").items()
-    }
-    wide = tmp_path / "float64"
-    wide.mkdir()
-    shutil.copy(source / "adapter_config.json", wide)
-    save_file(tensors, wide / "adapter_model.safetensors")
-    adapter = load_adapter(wide)
-    layer = next(iter(adapter.layers.values()))
-    assert layer.lambda_b.dtype == layer.lambda_d.dtype == adapter.vera_A.dtype == torch.float32
-    key = f"base_model.model.{layer.module}.vera_lambda_b"
-    assert torch.equal(layer.lambda_b, tensors[key].float())
-
-
 def test_weights_other_than_the_checkpoints_own_are_not_copied_and_named(fixture_root, tmp_path) -> None:
     """Stale weights next to the checkpoint (another format, or safetensors it does not index) would ship the
     unmerged model beside the merged one: skipped, with a warning that names them. Other files travel along."""
