@@ -70,10 +70,6 @@ def test_ulp_is_the_spacing_of_the_dtype(dtype: torch.dtype) -> None:
     assert torch.equal(ulp(values.double() * (1 + 2.0**-60), dtype), ulp(values, dtype))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: ulp(0) is 2**-p (2**-8 for bfloat16) instead of the smallest subnormal spacing; see the report",
-)
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_the_ulp_of_zero_is_the_smallest_subnormal(dtype: torch.dtype) -> None:
     zero = torch.zeros(1)

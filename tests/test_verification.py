@@ -64,6 +64,18 @@ def test_verify_catches_a_broken_layer(fixture_root, tmp_path, change) -> None:
     assert failed == ["layer model.layers.1.self_attn.q_proj"]
 
 
+def test_verify_catches_small_elements_set_to_zero_in_16_bit(fixture_root, tmp_path) -> None:
+    """Zero has the spacing of subnormals: a merged weight whose small elements were zeroed fails (it passed while
+    ulp(0) was taken as 2**-8)."""
+    name, weight = "llama-bf16-all", "model.layers.0.self_attn.q_proj.weight"
+    base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
+    merge(base, [adapter], tmp_path / "out", QUIET)
+    shard = next(p for p in (tmp_path / "out").glob("*.safetensors") if weight in load_file(p))
+    _corrupt(shard, weight, lambda w: torch.where(w.abs() < 2**-9, torch.zeros_like(w), w))
+    report = verify(base, [adapter], tmp_path / "out", LAYERS)
+    assert [c.name for c in report.checks if not c.passed] == ["layer model.layers.0.self_attn.q_proj"]
+
+
 @pytest.mark.parametrize("name", ["llama-bf16-all", "llama-fp16-qv"])
 def test_verify_catches_one_lambda_one_percent_off_in_16_bit(fixture_root, tmp_path, name: str) -> None:
     """Merged with one element of one lambda_b 1% off, in a row no sample would pick: every element is checked."""

@@ -38,9 +38,13 @@ def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The unit in the last place of `values` (any float tensor) if they were stored in `dtype`, as float64."""
     info = torch.finfo(dtype)
     digits = SIGNIFICAND_BITS[dtype]
-    _, exponent = torch.frexp(values.double().abs())
-    smallest = math.ldexp(info.tiny, 1 - digits)  # spacing of subnormals
-    return torch.ldexp(torch.ones_like(values, dtype=torch.float64), exponent - digits).clamp_min(smallest)
+    magnitudes = values.double().abs()
+    _, exponent = torch.frexp(magnitudes)
+    smallest = math.ldexp(info.tiny, 1 - digits)  # spacing of subnormals, and of zero
+    spacing = torch.ldexp(torch.ones_like(magnitudes), exponent - digits).clamp_min(smallest)
+    return spacing.masked_fill_(
+        magnitudes == 0, smallest
+    )  # frexp(0) has exponent 0, which is no spacing at all
 
 
 def gamma(n: int, dtype: torch.dtype) -> float:

@@ -42,11 +42,11 @@ def locate(location: str | os.PathLike[str], kind: Kind | str) -> Path:
     path = Path(location)
     error: type[VeraExportError] = AdapterError if kind is Kind.ADAPTER else CheckpointError
     if not path.is_dir():
-        if kind is Kind.ADAPTER:
+        if kind is Kind.ADAPTER and not path.exists():
             raise error(
                 f"{path}: adapter directory does not exist; point --adapter at a PEFT adapter directory"
             )
-        found = "is a file, not a directory" if path.is_file() else "not a directory"
+        found = "is a file, not a directory" if path.exists() else "not a directory"
         raise error(f"{path}: {found}; pass a {_WHAT[kind]} directory to {_FLAGS[kind]}")
     if kind in (Kind.BASE, Kind.MERGED) and (path / ADAPTER_CONFIG_NAME).is_file() and not _has_weights(path):
         raise error(

@@ -51,7 +51,7 @@ class Manifest:
     opset: int
     adapters: list[str]
     rounding: str
-    base_tensors: dict[str, tuple[str, list[int]]]
+    base_tensors: dict[str, list]  # name -> [dtype, shape], as JSON holds them
     projections: dict | None = None
     layers: list[str] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)

@@ -87,8 +87,9 @@ class GraphInput:
         return torch.full(tuple(EXAMPLE_SIZES[a] for a in self.axes), self.fill, dtype=self.dtype)
 
     def ort_type(self) -> str:
-        """How ONNX Runtime names its type (`tensor(int64)`)."""
-        return f"tensor({str(self.dtype).removeprefix('torch.').replace('float32', 'float')})"
+        """How ONNX Runtime names its type (`tensor(int64)`, `tensor(float)`, `tensor(float16)`)."""
+        name = str(self.dtype).removeprefix("torch.")
+        return f"tensor({ {'float32': 'float', 'float64': 'double'}.get(name, name) })"
 
 
 TOKENS = (
