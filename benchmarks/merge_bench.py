@@ -95,7 +95,11 @@ def candidates(workdir: Path, baseline: Path | None = None) -> list[Candidate]:
         # The baseline tree first on sys.path: its vera_export, not this one (checked in the run's stderr).
         code = f"import sys; sys.path.insert(0, {str(baseline)!r}); from vera_export.cli import main; main()"
         command = [python, "-c", code, *ours(base22, adapter22, "out-baseline")[3:]]
-        extra.append(Candidate(f"baseline ({baseline.name})", command, inputs22, workdir / "out-baseline"))
+        commit = subprocess.run(
+            ["git", "-C", str(baseline), "log", "-1", "--format=%h %s"], capture_output=True, text=True
+        ).stdout.strip()
+        name = f"baseline ({commit or baseline.name})"
+        extra.append(Candidate(name, command, inputs22, workdir / "out-baseline"))
     return [
         Candidate("vera-export merge", ours(base22, adapter22, "out-ours"), inputs22, workdir / "out-ours"),
         Candidate(
@@ -145,7 +149,9 @@ def report(results: list[Candidate], rounds: int) -> str:
         "",
         "TinyLlama-1.1B-shaped random bf16 checkpoint (22 layers, hidden 2048, intermediate 5632, 32 heads, 4 KV heads,",
         "vocab 32000, three shards of at most 1 GB), all-linear VeRA adapter (q, k, v, o, gate, up, down; r=256; stored",
-        f"projections; random non-zero lambdas). {rounds} rounds, candidates interleaved; each run is a whole process.",
+        "projections; lambda_b ~ N(0, 0.01), lambda_d ~ 0.1 + N(0, 0.05), a weak adapter). "
+        f"{rounds} rounds, candidates interleaved;",
+        "each run is a whole process.",
         "Inputs read into the page cache before each run, outputs written without fsync. Produced by",
         "`python benchmarks/merge_bench.py`.",
         "",
