@@ -87,6 +87,9 @@ def test_option_fields_leave_out_python_only_and_plain_fields() -> None:
         ({"task": "translation"}, "task is 'translation', expected 'auto' or one of"),
         ({"opset": MIN_OPSET - 1}, f"opset is {MIN_OPSET - 1}, expected {MIN_OPSET} to {MAX_OPSET}"),
         ({"opset": MAX_OPSET + 1}, f"opset is {MAX_OPSET + 1}"),
+        ({"precision": "int8"}, "precision is 'int8', expected one of ('fp32', 'fp16', 'int4')"),
+        ({"precision": "int4"}, "precision int4 needs --task text-generation"),
+        ({"precision": "int4", "task": "causal-lm"}, "precision int4 needs --task text-generation"),
     ],
 )
 def test_onnx_options_refuse_values_out_of_range(changes: dict, fragment: str) -> None:
@@ -101,6 +104,9 @@ def test_onnx_options_accept_every_value_in_range() -> None:
         assert OnnxOptions(task=task).task == task
     for opset in range(MIN_OPSET, MAX_OPSET + 1):
         assert OnnxOptions(opset=opset).opset == opset
+    for precision in ("fp32", "fp16"):
+        assert OnnxOptions(precision=precision).precision == precision
+    assert OnnxOptions(task="text-generation", precision="int4").precision == "int4"
 
 
 @pytest.mark.parametrize("rank", [0, -1])

@@ -108,7 +108,10 @@ def build_options(cls: type, params: dict[str, Any]) -> Any:
         elif isinstance(f.default, enum.Enum):
             value = type(f.default)(value)
         values[f.name] = value
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as exc:  # a rule across flags (each flag's own values are click's to check)
+        raise click.UsageError(str(exc)) from None
 
 
 def option_flags(f: dataclasses.Field) -> click.Option:

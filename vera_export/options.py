@@ -24,7 +24,8 @@ class Rounding(str, enum.Enum):
 
 
 ONNX_MODES = ("merged", "adapter", "bank")
-ONNX_TASKS = ("causal-lm", "sequence-classification", "feature-extraction")
+ONNX_TASKS = ("causal-lm", "sequence-classification", "feature-extraction", "text-generation")
+ONNX_PRECISIONS = ("fp32", "fp16", "int4")
 LORA_DTYPES = ("float32", "bfloat16", "float16")
 MIN_OPSET = 18
 # The newest opset the exporter's output passes onnx.checker with here (24 and up use operators it does not emit).
@@ -197,8 +198,11 @@ class OnnxOptions:
     Attributes:
         mode: `"merged"` (adapters folded into the weights), `"adapter"` (one adapter, swappable) or `"bank"`
             (one adapter per batch row, chosen by the `adapter_index` input from tables of all the adapters).
-        task: `"auto"` (from `config.json`'s architecture) or one of `ONNX_TASKS`.
-        opset: ONNX opset of the graph, `MIN_OPSET` to `MAX_OPSET`.
+        task: `"auto"` (from `config.json`'s architecture) or one of `ONNX_TASKS`; `"text-generation"` writes
+            a package ONNX Runtime GenAI generates from, with a KV cache.
+        precision: `"fp32"`, `"fp16"` (weights and compute), or `"int4"` (text-generation only: int4 base weights,
+            the VeRA branch in float32).
+        opset: ONNX opset of the graph, `MIN_OPSET` to `MAX_OPSET` (text-generation: the model builder's).
         verify: Compare the graph in ONNX Runtime with the unmerged model in PyTorch after exporting.
         external_data: Weights in `model.onnx.data`: True, False, or None for only when over protobuf's 2 GiB.
         force: Replace a non-empty output directory (only once the new one is complete).
@@ -218,6 +222,11 @@ class OnnxOptions:
         "What the graph returns; auto reads config.json's architecture.",
         choices=("auto", *ONNX_TASKS),
     )
+    precision: str = flag(
+        "fp32",
+        "fp32; fp16 (weights and compute); int4 (text-generation: int4 base weights, the VeRA branch in float).",
+        choices=ONNX_PRECISIONS,
+    )
     opset: int = flag(MIN_OPSET, "ONNX opset.", minimum=MIN_OPSET, maximum=MAX_OPSET)
     verify: bool = flag(True, "Compare the graph in ONNX Runtime with the unmerged model in PyTorch.")
     external_data: bool | None = flag(
@@ -233,6 +242,12 @@ class OnnxOptions:
             raise ValueError(f"mode is {self.mode!r}, expected one of {ONNX_MODES}")
         if self.task != "auto" and self.task not in ONNX_TASKS:
             raise ValueError(f"task is {self.task!r}, expected 'auto' or one of {ONNX_TASKS}")
+        if self.precision not in ONNX_PRECISIONS:
+            raise ValueError(f"precision is {self.precision!r}, expected one of {ONNX_PRECISIONS}")
+        if self.precision == "int4" and self.task != "text-generation":
+            raise ValueError(
+                "precision int4 needs --task text-generation (its int4 kernels are the model builder's)"
+            )
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise ValueError(
                 f"opset is {self.opset}, expected {MIN_OPSET} to {MAX_OPSET} (what the exporter supports)"

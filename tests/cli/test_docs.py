@@ -1,7 +1,7 @@
 """Every example in README.md and docs/ runs as written, and the docs name every option their command has.
 
 Each document runs in a fresh directory holding the names its examples use: `llama` (a tiny Llama), `my-vera`
-(an all-linear adapter whose projections are regenerated from its key), `second-vera` (another adapter of
+(an all-linear adapter whose projections are regenerated from its key; `llama` has a tokenizer), `second-vera` (another adapter of
 `llama`), `other-vera` and `alice-vera` ... `erin-vera` (siblings of `my-vera`: same projections, other
 lambdas), and `fixtures` (the repository's own, for the quick start). Bash blocks run through the CLI, command by
 command, in order, each expected to exit 0 unless the line before the block says `<!-- exit N -->`; Python blocks
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fixtures.build import build_adapter
+from fixtures.build import BASES, build_adapter, build_tokenizer
 from tests.helpers import base_dir
 from vera_export import cli
 
@@ -83,6 +83,7 @@ def world(fixture_root, tmp_path_factory) -> Path:
     """The names the examples use, built once and copied for each document."""
     root = tmp_path_factory.mktemp("docs-world")
     shutil.copytree(base_dir(fixture_root, "llama-all-noproj"), root / "llama")
+    build_tokenizer(root / "llama", BASES["llama"].config["vocab_size"])  # for the text-generation examples
     build_adapter("llama-all-noproj", root / "llama", root / "my-vera", base_name="llama")
     build_adapter("llama-qv", root / "llama", root / "second-vera", base_name="llama")
     for seed, name in enumerate(SIBLINGS, start=201):

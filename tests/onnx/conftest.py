@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.onnx.helpers import Banks, Exports, Siblings
+from tests.onnx.helpers import Banks, Exports, Packages, Siblings
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +22,8 @@ def exports(fixture_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Exp
 @pytest.fixture(scope="session")
 def banks(siblings: Siblings, tmp_path_factory: pytest.TempPathFactory) -> Banks:
     return Banks(siblings, tmp_path_factory.mktemp("banks"))
+
+
+@pytest.fixture(scope="session")
+def packages(fixture_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Packages:
+    return Packages(fixture_root, tmp_path_factory.mktemp("genai"))

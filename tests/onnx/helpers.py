@@ -259,3 +259,34 @@ def assert_rows_match(got, batches, adapters: list[Path], base: Path) -> None:
             assert all(
                 np.abs(_kept(g, batch, row) - _kept(by_adapter[j], batch, row)).max() > APART for j in others
             )
+
+
+@dataclass(frozen=True)
+class Package:
+    """A text-generation package, exported (and verified) once per session."""
+
+    base: Path
+    adapter: Path
+    mode: str
+    precision: str
+    directory: Path
+    report: OnnxReport
+
+
+class Packages:
+    """`packages[adapter, mode, precision]`: the adapter fixture's text-generation package, exported on first use."""
+
+    def __init__(self, root: Path, out: Path) -> None:
+        self.root, self.out, self.done = root, out, {}
+
+    def __getitem__(self, key: tuple[str, str, str]) -> Package:
+        if key not in self.done:
+            adapter, mode, precision = key
+            base = base_dir(self.root, adapter)
+            directory = self.out / "-".join(key)
+            options = OnnxOptions(task="text-generation", mode=mode, precision=precision, progress=False)
+            report = export_onnx(base, [adapter_dir(self.root, adapter)], directory, options)
+            self.done[key] = Package(
+                base, adapter_dir(self.root, adapter), mode, precision, directory, report
+            )
+        return self.done[key]

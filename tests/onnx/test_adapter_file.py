@@ -130,10 +130,29 @@ def test_adapter_file_refuses_missing_tensors_merged_graphs_and_existing_files(
     # Not even --force writes over the graph or into an input directory.
     graph = exports["llama-adapter"].directory / "model.onnx"
     before = graph.read_bytes()
-    for inside in (graph, qv / "x.onnx_adapter"):
-        with pytest.raises(OutputError, match="overlaps the input"):
+    for inside, refusal in (
+        (graph, "only .onnx_adapter files"),
+        (qv / "x.onnx_adapter", "overlaps the input"),
+    ):
+        with pytest.raises(OutputError, match=refusal):
             onnx_adapter(exports["llama-adapter"].directory, qv, inside, OnnxAdapterOptions(force=True))
     assert graph.read_bytes() == before and not (qv / "x.onnx_adapter").exists()
+
+
+def test_a_new_adapter_file_may_go_into_the_models_folder(exports, tmp_path) -> None:
+    """ONNX Runtime GenAI's layout keeps adapter files beside the graph: a new one is written there, an existing
+    one only with --force, and nothing else of the folder changes."""
+    model = tmp_path / "model"
+    shutil.copytree(exports["llama-adapter"].directory, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    qv = adapter_dir(exports.root, "llama-qv")
+    report = onnx_adapter(model, qv, model / "adapters" / "qv.onnx_adapter")
+    assert report.output.is_file() and report.bytes_written == report.output.stat().st_size
+    with pytest.raises(OutputError, match="exists"):
+        onnx_adapter(model, qv, model / "adapters" / "qv.onnx_adapter")
+    onnx_adapter(model, qv, model / "adapters" / "qv.onnx_adapter", OnnxAdapterOptions(force=True))
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in (model / "adapters").iterdir()) == ["qv.onnx_adapter"]  # no staging left
 
 
 @pytest.mark.parametrize(

@@ -118,3 +118,25 @@ def test_the_report_says_what_was_written(exports) -> None:
     ]
     merged = exports["gpt2-merged"].report
     assert merged.overridable == 0 and "0 overridable tensors" in merged.text()
+
+
+@pytest.mark.parametrize("mode", ["merged", "adapter", "bank"])
+def test_float16_graphs_in_every_mode(fixture_root, tmp_path: Path, mode: str) -> None:
+    """--precision fp16 without a KV cache: float16 weights and outputs, the VeRA branch's lambdas in float32 as PEFT
+    holds them, verified against float16's roundoff; and the graph is PEFT's function, within float16's."""
+    name = "llama-qv"
+    base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
+    options = OnnxOptions(mode=mode, precision="fp16", progress=False)
+    report = export_onnx(base, [adapter], tmp_path / "graph", options)
+    assert report.ok, report.text()
+    manifest = Manifest.read(tmp_path / "graph")
+    assert manifest.precision == "fp16"
+    assert all(spec["dtype"] == "float32" for spec in manifest.overridable.values())
+    model = onnx.load(str(tmp_path / "graph" / "model.onnx"))
+    # Every matrix is float16 but VeRA's own (the shared projections, a bank's lambda tables): float32, as PEFT.
+    matrices = {t.name: t.data_type for t in model.graph.initializer if len(t.dims) == 2}
+    float32 = {name for name, kind in matrices.items() if kind == onnx.TensorProto.FLOAT}
+    assert len(matrices) > 8 and all(name.startswith("vera.") for name in float32)
+    assert ({"vera.vera_A", "vera.vera_B"} <= float32) == (mode != "merged")
+    assert all(kind == onnx.TensorProto.FLOAT16 for name, kind in matrices.items() if name not in float32)
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16

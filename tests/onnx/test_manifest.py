@@ -88,6 +88,14 @@ def test_a_foreign_or_malformed_manifest_is_a_checkpoint_error(
     assert str(tmp_path) in str(caught.value) and fragment in str(caught.value)
 
 
+def test_a_manifest_without_a_precision_is_float32(tmp_path: Path) -> None:
+    """Graphs exported before precisions existed are float32."""
+    fields = dataclasses.asdict(_manifest())
+    del fields["precision"]
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format": FORMAT, **fields}))
+    assert Manifest.read(tmp_path).precision == "fp32"
+
+
 def test_base_specs_are_meta_tensors_of_the_recorded_shapes_and_dtypes(tmp_path: Path) -> None:
     _manifest().write(tmp_path)
     specs = Manifest.read(tmp_path).base_specs()

@@ -14,10 +14,12 @@ from tests.helpers import adapter_dir
 from vera_export.adapter import load_adapter
 from vera_export.onnx.signature import (
     EXAMPLE_SIZES,
+    PRECISIONS,
     TASKS,
     TOKENS,
     GraphInput,
     Signature,
+    kv_cache_signature,
     lambda_input,
     tensor_input,
     token_signature,
@@ -65,7 +67,7 @@ def test_ort_type_is_how_onnx_runtime_names_the_type(dtype: torch.dtype, proto: 
 
 def test_a_token_signature_takes_the_tokens_and_returns_the_task_s_output() -> None:
     extra = GraphInput("adapter_index", torch.int64, ("batch",), fill=0)
-    signature = token_signature(TASKS["feature-extraction"], (extra,))
+    signature = token_signature(TASKS["feature-extraction"], torch.float32, (extra,))
     assert signature.input_names == ["input_ids", "attention_mask", "adapter_index"]
     assert signature.outputs == ("last_hidden_state",) and signature.dtype == torch.float32
     assert signature.dynamic_shapes() == {
@@ -80,10 +82,11 @@ def test_a_token_signature_takes_the_tokens_and_returns_the_task_s_output() -> N
 
 
 def test_tasks_say_what_the_graph_returns_and_of_which_models() -> None:
-    assert {name: (t.output, t.base_model) for name, t in TASKS.items()} == {
-        "causal-lm": ("logits", False),
-        "sequence-classification": ("logits", False),
-        "feature-extraction": ("last_hidden_state", True),
+    assert {name: (t.output, t.base_model, t.generation) for name, t in TASKS.items()} == {
+        "causal-lm": ("logits", False, False),
+        "sequence-classification": ("logits", False, False),
+        "feature-extraction": ("last_hidden_state", True, False),
+        "text-generation": ("logits", False, True),
     }
     assert "LlamaForCausalLM".endswith(TASKS["causal-lm"].suffixes)
     assert "GPT2LMHeadModel".endswith(TASKS["causal-lm"].suffixes)
@@ -101,3 +104,34 @@ def test_trained_inputs_are_every_trained_tensor_by_its_input_name(fixture_root:
         assert inputs[tensor_input(name)] is tensor
     assert lambda_input("model.layers.0.q_proj", "d") == "vera.model.layers.0.q_proj.lambda_d"
     assert tensor_input("classifier.bias") == "vera.classifier.bias"
+
+
+def test_the_kv_cache_signature_is_genai_s_decoder() -> None:
+    signature = kv_cache_signature(2, torch.float16, position_ids=True)
+    assert signature.input_names == [
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "past_key_values.0.key",
+        "past_key_values.0.value",
+        "past_key_values.1.key",
+        "past_key_values.1.value",
+    ]
+    assert signature.outputs == (
+        "logits",
+        "present.0.key",
+        "present.0.value",
+        "present.1.key",
+        "present.1.value",
+    )
+    caches = [i for i in signature.inputs if i.name.startswith("past_")]
+    assert all(i.dtype == torch.float16 and len(i.axes) == 4 for i in caches)
+    assert "position_ids" not in kv_cache_signature(1, torch.float32).input_names
+
+
+def test_precisions_say_what_a_graph_computes_in() -> None:
+    assert {name: (p.dtype, p.quantized) for name, p in PRECISIONS.items()} == {
+        "fp32": (torch.float32, False),
+        "fp16": (torch.float16, False),
+        "int4": (torch.float32, True),
+    }

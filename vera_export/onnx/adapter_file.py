@@ -32,6 +32,8 @@ from .bank import stack_inputs
 from .manifest import Manifest, projection_fingerprint
 from .modes import MODES, ExportMode
 
+ADAPTER_SUFFIX = ".onnx_adapter"
+
 
 @dataclass
 class OnnxAdapterReport:
@@ -72,15 +74,26 @@ def onnx_adapter(
             adapters.
         IncompatibleAdapterError: An adapter does not fit the graph: other base, projections, adapted layers or
             trained tensors, every difference listed.
-        OutputError: `output_file` exists (without `force`), is a directory, or lies inside `model_dir` or an
-            adapter directory.
+        OutputError: `output_file` exists (without `force`), is a directory, lies inside an adapter directory,
+            or inside `model_dir` without ending in `.onnx_adapter` (ONNX Runtime GenAI keeps adapter files in the
+            model's folder).
     """
     model_dir = locate(model_dir, Kind.EXPORT)
     manifest = Manifest.read(model_dir)
     many = [adapters] if isinstance(adapters, (str, Path, VeraAdapter)) else list(adapters)
     loaded = [load_adapter(a, options.allow_pickle) for a in many]
     output = Path(output_file)
-    with staged_output(output, [model_dir, *(a.path for a in loaded)], options.force, file=True) as staged:
+    inputs = [a.path for a in loaded]
+    if model_dir.resolve() in output.resolve().parents:
+        # GenAI's own layout keeps adapter files in the model's folder: a new one may go there, nothing else.
+        if not output.name.endswith(ADAPTER_SUFFIX):
+            raise OutputError(
+                f"{output}: lies inside the exported model {model_dir}; only {ADAPTER_SUFFIX} files may be written "
+                f"there, never the graph's own files"
+            )
+    else:
+        inputs.append(model_dir)
+    with staged_output(output, inputs, options.force, file=True) as staged:
         values = adapter_values(manifest, loaded, model_dir)
         write_adapter_file(values, staged)
     return OnnxAdapterReport(output, sum(v.size for v in values.values()), output.stat().st_size)

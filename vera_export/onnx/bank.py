@@ -103,10 +103,13 @@ class VeraBankLinear(nn.Module):
         self.selection = selection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
         lambda_b = self.selection.broadcast(self.lambda_b, x.ndim)
         lambda_d = self.selection.broadcast(self.lambda_d, x.ndim)
+        # In the lambdas' dtype (float32, as PEFT computes a 16-bit model's adapter), back to the layer's after.
+        x = x.to(lambda_d.dtype)
         branch = vera_branch(x, lambda_b, lambda_d, *self.projections, self.in_features, self.out_features)
-        return self.base_layer(x) + branch
+        return result + branch.to(result.dtype)
 
 
 class _RowSelected(nn.Module):

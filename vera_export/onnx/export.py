@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx_ir as ir
+import torch
 
 from ..adapter import VeraAdapter, load_adapter
 from ..errors import CheckpointError
@@ -26,10 +27,11 @@ from ..options import OnnxOptions, VerifyOnnxOptions
 from ..progress import stage_bar
 from ..reports import counted
 from ..verification import VerifyReport
+from . import generation
 from . import graph as passes
 from .manifest import Manifest, projection_fingerprint
 from .modes import MODES, ExportMode, Resolution
-from .signature import TASKS, Task
+from .signature import PRECISIONS, TASKS, Signature, Task
 from .verify import verify_onnx
 
 _EXPORT_STAGES = ("loading", "tracing", "optimizing", "writing")
@@ -110,17 +112,22 @@ def export_onnx(
     """
     started = time.perf_counter()
     base, output = locate(base, Kind.BASE), Path(output)
-    mode = MODES[options.mode]
+    mode, precision = MODES[options.mode], PRECISIONS[options.precision]
     index = ShardedTensorIndex.from_dir(base)
     resolution = mode.resolve(
         index, [load_adapter(a, options.allow_pickle) for a in adapters], options.rounding
     )
     task = resolve_task(base, options.task)
-    signature = mode.signature(task)
-    external_data = passes.needs_external_data(index, signature.dtype, options.external_data)
+    signature = mode.signature(task, precision.dtype)
+    if task.generation:
+        generation.check(base, mode, resolution)
+        stages, external_data = generation.STAGES, True
+    else:
+        stages = _EXPORT_STAGES
+        external_data = passes.needs_external_data(index, signature.dtype, options.external_data)
     adapter_paths = [str(a.path) for a in resolution.adapters]
     report = OnnxReport(output, mode.name, task.name, adapter_paths, warnings=list(resolution.warnings))
-    stages = [*_EXPORT_STAGES, *(["verifying"] if options.verify else [])]
+    stages = [*stages, *(["verifying"] if options.verify else [])]
     with stage_bar(stages, f"exporting ({mode.name})", options.progress) as start:
         with staged_output(output, [base, *(a.path for a in resolution.adapters)], options.force) as staging:
             manifest = Manifest(
@@ -131,16 +138,20 @@ def export_onnx(
                 adapters=adapter_paths,
                 rounding=options.rounding.value,
                 base_tensors={
-                    name: (str(info.dtype).removeprefix("torch."), list(info.shape))
+                    name: [str(info.dtype).removeprefix("torch."), list(info.shape)]
                     for name, info in index.tensors.items()
                 },
+                precision=precision.name,
             )
-            graph = _build_graph(base, mode, resolution, task, options.opset, manifest, start)
-            start("writing")
-            passes.save(graph, staging, external_data)
-            del graph  # its weights, before verification loads the model twice more
+            if task.generation:
+                generation.build(base, index, mode, resolution, precision, staging, manifest, start)
+            else:
+                graph = _build_graph(base, mode, resolution, task, signature, options.opset, manifest, start)
+                start("writing")
+                passes.save(graph, staging, external_data)
+                del graph  # its weights, before verification loads the model twice more
+                report.warnings.extend(copy_side_files(base, staging, index.shards))
             manifest.write(staging)
-            report.warnings.extend(copy_side_files(base, staging, index.shards))
             report.files = sorted(p.name for p in staging.iterdir())
             report.overridable = len(manifest.overridable)
         if options.verify:
@@ -157,6 +168,7 @@ def _build_graph(
     mode: ExportMode,
     resolution: Resolution,
     task: Task,
+    signature: Signature,
     opset: int,
     manifest: Manifest,
     start: Callable[[str], None],
@@ -165,7 +177,6 @@ def _build_graph(
 
     Calls `start` with each of the loading, tracing and optimizing stages.
     """
-    signature = mode.signature(task)
     start("loading")
     model = load_model(base, signature.dtype)
     start("tracing")
@@ -174,7 +185,8 @@ def _build_graph(
     shared = set()
     if resolution.projections is not None:
         projections = resolution.projections
-        vera_A, vera_B = (p.to(signature.dtype) for p in (projections.vera_A, projections.vera_B))
+        # The branch computes in float32 whatever the graph's dtype, as PEFT computes it (autocast_adapter_dtype).
+        vera_A, vera_B = (p.to(torch.float32) for p in (projections.vera_A, projections.vera_B))
         shared = passes.name_projections(graph, vera_A, vera_B)
         manifest.overridable = passes.expose_trained_tensors(graph, module, trained)
         manifest.projections = projection_fingerprint(resolution.adapters[0], projections)

@@ -32,6 +32,7 @@ class Manifest:
         task: The task the graph computes (`causal-lm`, `sequence-classification`, `feature-extraction`).
         output: The graph's output name (`logits` or `last_hidden_state`).
         opset: The ONNX opset.
+        precision: `fp32`, `fp16` or `int4` (`signature.PRECISIONS`).
         adapters: The adapter directories exported, in order (in a bank, row k of every table is `adapters[k]`).
         rounding: The CPU rounding projections were regenerated with.
         base_tensors: The base checkpoint's tensors, name -> (dtype, shape): enough to match another adapter
@@ -56,6 +57,7 @@ class Manifest:
     layers: list[str] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)
     overridable: dict[str, dict] = field(default_factory=dict)
+    precision: str = "fp32"
 
     def write(self, directory: Path) -> None:
         text = json.dumps({"format": FORMAT, **asdict(self)}, indent=1) + "\n"

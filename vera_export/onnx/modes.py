@@ -119,8 +119,8 @@ class ExportMode:
         plan = build_plan(adapters, index.tensors, rounding)
         return Resolution(pin_projections(adapters, plan), list(plan.warnings))
 
-    def signature(self, task: Task) -> Signature:
-        return token_signature(task)
+    def signature(self, task: Task, dtype: torch.dtype = torch.float32) -> Signature:
+        return token_signature(task, dtype)
 
     def module(
         self, model: nn.Module, resolution: Resolution, task: Task
@@ -203,22 +203,23 @@ class BankMode(ExportMode):
             bank.adapters, bank.warnings, bank.projections, list(bank.layers), list(bank.replaced), bank
         )
 
-    def signature(self, task: Task) -> Signature:
-        return token_signature(task, (GraphInput(ADAPTER_INDEX, torch.int64, ("batch",), fill=0),))
+    def signature(self, task: Task, dtype: torch.dtype = torch.float32) -> Signature:
+        return token_signature(task, dtype, (GraphInput(ADAPTER_INDEX, torch.int64, ("batch",), fill=0),))
 
     def module(
         self, model: nn.Module, resolution: Resolution, task: Task
     ) -> tuple[nn.Module, dict[int, str]]:
         bank = resolution.bank
-        dtype = next(model.parameters()).dtype
-        shapes = {lambda_input(m, "b"): (t.out_features,) for m, t in bank.layers.items()}
-        shapes |= {lambda_input(m, "d"): (bank.adapters[0].config.r,) for m in bank.layers}
+        # Lambdas in float32, as PEFT holds them; trained tensors in the model's dtype, as the tensors they replace.
+        lambdas = {lambda_input(m, "b"): (t.out_features,) for m, t in bank.layers.items()}
+        lambdas |= {lambda_input(m, "d"): (bank.adapters[0].config.r,) for m in bank.layers}
         state = model.state_dict()
-        shapes |= {tensor_input(name): tuple(state[name].shape) for name in bank.replaced}
-        tables = {
-            name: nn.Parameter(table, requires_grad=False)
-            for name, table in stack_inputs(bank.adapters, shapes, dtype).items()
-        }
+        replaced = {tensor_input(name): tuple(state[name].shape) for name in bank.replaced}
+        dtype = next(model.parameters()).dtype
+        stacked = stack_inputs(bank.adapters, lambdas, torch.float32) | stack_inputs(
+            bank.adapters, replaced, dtype
+        )
+        tables = {name: nn.Parameter(table, requires_grad=False) for name, table in stacked.items()}
         module = BankTaskOutput(model, task, apply_bank(model, bank, tables))
         return module, {id(t): name for name, t in tables.items()}
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..options import ONNX_TASKS
+from ..options import ONNX_PRECISIONS, ONNX_TASKS
 
 if TYPE_CHECKING:
     from ..adapter import VeraAdapter
@@ -47,12 +47,15 @@ class Task:
         output: The model output the graph returns.
         suffixes: Architecture class names (`config.json`'s `architectures`) that do this task.
         base_model: The graph runs the model's `base_model` (its body without a head).
+        generation: The export is a package ONNX Runtime GenAI generates from (a decoder with a KV cache, written
+            by its model builder; see `generation`), not one traced forward pass.
     """
 
     name: str
     output: str
     suffixes: tuple[str, ...]
     base_model: bool = False
+    generation: bool = False
 
 
 TASKS = {
@@ -62,9 +65,36 @@ TASKS = {
         Task("sequence-classification", "logits", ("ForSequenceClassification",)),
         # Any architecture has a body: feature extraction runs any model's base model.
         Task("feature-extraction", "last_hidden_state", ("Model",), base_model=True),
+        Task("text-generation", "logits", ("ForCausalLM",), generation=True),
     )
 }
 assert tuple(TASKS) == ONNX_TASKS
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What a graph computes in.
+
+    Attributes:
+        name: As `--precision` spells it (and the GenAI model builder takes it).
+        dtype: The dtype of weights (those not quantized), activations, KV cache and the VeRA branch.
+        quantized: The base's projection weights are int4 (`MatMulNBits`): text-generation packages only.
+    """
+
+    name: str
+    dtype: torch.dtype
+    quantized: bool = False
+
+
+PRECISIONS = {
+    p.name: p
+    for p in (
+        Precision("fp32", torch.float32),
+        Precision("fp16", torch.float16),
+        Precision("int4", torch.float32, True),
+    )
+}
+assert tuple(PRECISIONS) == ONNX_PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -128,9 +158,9 @@ class Signature:
         return torch.finfo(self.dtype).eps / 2
 
 
-def token_signature(task: Task, extra: tuple[GraphInput, ...] = ()) -> Signature:
-    """`input_ids`, `attention_mask` and `extra` in; the task's output out."""
-    return Signature((*TOKENS, *extra), (task.output,))
+def token_signature(task: Task, dtype: torch.dtype, extra: tuple[GraphInput, ...] = ()) -> Signature:
+    """`input_ids`, `attention_mask` and `extra` in; the task's output out; computing in `dtype`."""
+    return Signature((*TOKENS, *extra), (task.output,), dtype)
 
 
 def trained_inputs(adapter: VeraAdapter) -> dict[str, torch.Tensor]:
@@ -139,3 +169,22 @@ def trained_inputs(adapter: VeraAdapter) -> dict[str, torch.Tensor]:
     tensors |= {lambda_input(m, "d"): layer.lambda_d for m, layer in adapter.layers.items()}
     tensors |= {tensor_input(name): t for name, t in adapter.replacements.items()}
     return tensors
+
+
+def kv_cache_signature(layers: int, dtype: torch.dtype, position_ids: bool = False) -> Signature:
+    """The decoder signature of ONNX Runtime GenAI packages: tokens, mask (over past and new positions), optional
+    `position_ids`, and a key and a value cache per layer in; logits and the updated caches out."""
+    tokens = [
+        GraphInput("input_ids", torch.int64, ("batch", "sequence")),
+        GraphInput("attention_mask", torch.int64, ("batch", "total_sequence")),
+    ]
+    if position_ids:
+        tokens.append(GraphInput("position_ids", torch.int64, ("batch", "sequence")))
+    cache_axes = ("batch", "kv_heads", "past_sequence", "head_size")
+    past = [
+        GraphInput(f"past_key_values.{i}.{kind}", dtype, cache_axes)
+        for i in range(layers)
+        for kind in ("key", "value")
+    ]
+    present = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    return Signature((*tokens, *past), ("logits", *present), dtype)

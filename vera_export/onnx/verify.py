@@ -32,7 +32,7 @@ from .graph import MODEL_NAME
 from .manifest import MANIFEST_NAME, Manifest, projection_digest
 from .modes import MODES, ExportMode, TaskOutput
 from .runtime import ORT_ERRORS, first_line, session
-from .signature import ADAPTER_INDEX, TASKS, VERA_A, VERA_B, Signature, Task
+from .signature import ADAPTER_INDEX, PRECISIONS, TASKS, VERA_A, VERA_B, Signature, Task
 
 PRECISION_FACTOR = 4.0
 FLOOR_ROUNDOFFS = 16.0
@@ -69,8 +69,13 @@ def verify_onnx(
             f"{onnx_dir}: the bank holds {len(manifest.adapters)} adapters and {len(loaded)} were given; pass "
             f"every adapter it was exported with, in order, so that each row is checked"
         )
-    signature = mode.signature(task)
     report = VerifyReport(warnings=list(resolution.warnings))
+    if task.generation:
+        from .generation_verify import verify_generation  # ONNX Runtime GenAI: an optional extra
+
+        report.checks.extend(verify_generation(onnx_dir, base, resolution.adapters, manifest))
+        return report
+    signature = mode.signature(task, PRECISIONS[manifest.precision].dtype)
     try:
         runner = session(onnx_dir)
     except ORT_ERRORS as exc:
