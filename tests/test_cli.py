@@ -226,17 +226,17 @@ def test_our_warnings_are_one_line_each_and_others_are_silent() -> None:
 
 def test_an_expected_error_is_one_line_and_exit_2() -> None:
     def callback(options):
-        raise AdapterError("adapter.json: field 'r'\n   is 0")
+        raise AdapterError("ad\napter.json: field 'r' is 0")
 
     result = _invoke(callback)
     assert (result.exit_code, result.stdout, result.stderr) == (
         2,
         "",
-        "error: adapter.json: field 'r' is 0\n",
+        "error: ad\\napter.json: field 'r' is 0\n",
     )
     envelope = json.loads(_invoke(callback, "--json").stdout)
     assert envelope["exit_code"] == 2 and envelope["result"] is None
-    assert envelope["error"] == {"type": "AdapterError", "message": "adapter.json: field 'r' is 0"}
+    assert envelope["error"] == {"type": "AdapterError", "message": "ad\\napter.json: field 'r' is 0"}
     assert isinstance(_invoke(callback, "--debug").exception, AdapterError)
 
 

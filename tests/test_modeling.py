@@ -36,11 +36,11 @@ def test_the_class_and_config_are_the_architecture_s(
 @pytest.mark.parametrize(
     ("config", "fragment"),
     [
-        (None, "config.json: cannot be read"),
-        ("{not json", "config.json: cannot be read"),
-        ({"architectures": ["NoSuchForCausalLM"]}, "names no class this transformers"),
-        ({"architectures": []}, "architectures [] names no class"),
-        ({"model_type": "llama"}, "architectures [] names no class"),
+        (None, "config.json: not found"),
+        ("{not json", "config.json: not a readable JSON file"),
+        ({"architectures": ["NoSuchForCausalLM"]}, "names no model class this transformers"),
+        ({"architectures": []}, "architectures [] names no model class"),
+        ({"model_type": "llama"}, "architectures [] names no model class"),
     ],
     ids=["missing", "not JSON", "unknown class", "empty list", "no architectures"],
 )

@@ -121,7 +121,7 @@ def test_the_envelope_of_a_failed_check_is_exit_1_with_its_result() -> None:
 
 
 def test_the_envelope_of_an_error_is_exit_2_without_a_result() -> None:
-    error = CheckpointError("base/model.safetensors: truncated;\n   re-download it")
+    error = CheckpointError("base/model.safetensors: truncated; re-download it")
     result = envelope("merge", error=error, warnings=["first"])
     assert (result["ok"], result["exit_code"], result["result"]) == (False, EXIT_ERROR, None)
     assert result["error"] == {
@@ -140,7 +140,8 @@ def test_an_explicit_exit_code_wins() -> None:
 
 
 def test_message_is_one_line() -> None:
-    assert message(ValueError("a\n  b\tc  ")) == "a b c"
+    assert message(ValueError("a\n  b\tc\x1b[2J  ")) == "a\\n  b\\tc\\x1b[2J"
+    assert message(ValueError("x" * 5000)) == "x" * 2000 + "... (3000 more characters)"
     assert message(RuntimeError()) == "RuntimeError"
 
 

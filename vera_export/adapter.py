@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .config import CONFIG_NAME, VeraConfig, read_config
-from .errors import AdapterError
+from .errors import AdapterError, quoted
 from .io.index import ShardedTensorIndex
 from .io.loader import load_tensors
 from .io.locations import Kind, locate
@@ -122,12 +122,24 @@ def read_adapter_tensors(path: Path, allow_pickle: bool = False) -> tuple[Path, 
     try:
         state = torch.load(pickled, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad or unsafe pickle
-        raise AdapterError(f"{pickled}: cannot be loaded safely ({type(exc).__name__}: {exc})") from None
+        raise AdapterError(
+            f"{pickled}: refused by torch.load(weights_only=True) ({_pickle_reason(exc)}); a pickle that holds more "
+            f"than tensors can run code when loaded, so never load it without weights_only: re-save the adapter "
+            f"as {WEIGHTS_NAME} where it was trained"
+        ) from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise AdapterError(f"{pickled}: expected a dict of tensors")
     return pickled, state
+
+
+def _pickle_reason(exc: Exception) -> str:
+    """What torch found wrong, without its advice to retry with `weights_only=False` (the unsafe thing)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if "weights_only" not in line and "trusted source" not in line]
+    reason = useful[0] if useful else type(exc).__name__
+    return quoted(reason, 200, repr_=False)
 
 
 def _assemble(
@@ -142,7 +154,7 @@ def _assemble(
         if projection is not None:
             projections[projection] = _as_float32(tensor)
         elif not key.startswith(_MODEL_PREFIX):
-            problems.append(f"unexpected tensor {key!r}")
+            problems.append(f"unexpected tensor {quoted(key)}")
         elif key.endswith((".vera_lambda_b", ".vera_lambda_d")):
             module, _, kind = key[len(_MODEL_PREFIX) :].rpartition(".")
             lambdas.setdefault(module, {})[kind.removeprefix("vera_")] = tensor
@@ -158,7 +170,7 @@ def _assemble(
     for module, pair in lambdas.items():
         missing = {"lambda_b", "lambda_d"} - pair.keys()
         if missing:
-            problems.append(f"module {module!r} has no vera_{missing.pop()}")
+            problems.append(f"module {quoted(module)} has no vera_{missing.pop()}")
             continue
         lambda_b, lambda_d = pair["lambda_b"], pair["lambda_d"]
         if lambda_b.ndim != 1 or lambda_d.ndim != 1:

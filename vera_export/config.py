@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import AdapterError
+import regex
+
+from .errors import AdapterError, quoted
 
 CONFIG_NAME = "adapter_config.json"
 _BIAS_CHOICES = ("none", "all", "vera_only")
@@ -62,7 +63,7 @@ class VeraConfig:
         peft_type = raw.get("peft_type")
         if peft_type != "VERA":
             raise AdapterError(
-                f"{path}: peft_type is {peft_type!r}, expected 'VERA'; vera-export only handles VeRA adapters"
+                f"{path}: peft_type is {quoted(peft_type)}, expected 'VERA'; vera-export only handles VeRA adapters"
             )
         fields = _ConfigFields(path, raw)
         config = cls(
@@ -90,10 +91,10 @@ class VeraConfig:
         ]
         for key, pattern in patterns:
             try:
-                re.compile(pattern)
-            except (re.error, RecursionError, OverflowError) as exc:
+                regex.compile(pattern)  # as `targets` matches them, bounded in time
+            except (regex.error, RecursionError, OverflowError, ValueError) as exc:
                 raise AdapterError(
-                    f"{path}: field {key!r} is not a valid regular expression ({exc})"
+                    f"{path}: field {quoted(key)} is not a valid regular expression ({exc})"
                 ) from None
         return config
 
@@ -105,7 +106,9 @@ class _ConfigFields:
         self.path, self.raw = path, raw
 
     def _fail(self, key: str, expected: str) -> AdapterError:
-        return AdapterError(f"{self.path}: field {key!r} is {self.raw[key]!r}, expected {expected}")
+        return AdapterError(
+            f"{self.path}: field {quoted(key)} is {quoted(self.raw[key])}, expected {expected}"
+        )
 
     def int(self, key: str, default: int) -> int:
         value = self.raw.get(key, default)

@@ -19,7 +19,7 @@ from .errors import AdapterError
 from .io.index import ShardedTensorIndex
 from .io.locations import Kind, locate
 from .io.outputs import staged_output
-from .io.side_files import copy_side_files
+from .io.side_files import side_files
 from .io.writer import save_tensors
 from .options import EmbedOptions
 from .plan import resolve_projections
@@ -84,8 +84,9 @@ def embed_projections(
     stored = {**vera.tensors, PROJECTION_KEYS["vera_A"]: projections.vera_A}
     stored[PROJECTION_KEYS["vera_B"]] = projections.vera_B
     rewritten = [vera.path / name for name in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME)]
+    side = side_files(vera.path, rewritten, skip_weights=False)  # README, tokenizer, ...: checked up front
     with staged_output(output, [base, vera.path], options.force, options.fsync) as staging:
-        copy_side_files(vera.path, staging, rewritten, skip_weights=False)  # README, tokenizer, ...
+        side.copy(staging)
         config = {**vera.raw_config, "save_projection": True}
         (staging / CONFIG_NAME).write_text(
             json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"

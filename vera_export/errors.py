@@ -29,7 +29,32 @@ class VeraExportWarning(UserWarning):
     """Something the user should know that does not stop the work (the CLI prints it as one line)."""
 
 
+# An error line is at most this long: a value from a hostile file must not flood a terminal or a CI log.
+MAX_LINE = 2000
+# A value quoted in a message (a config field, a tensor name from a header) is cut to this many characters.
+MAX_QUOTED = 120
+
+
 def listing(items: list[str], limit: int = 10) -> str:
-    """`a, b, c and 7 more`: a bounded list of names for a message."""
-    shown = ", ".join(items[:limit])
+    """`a, b, c and 7 more`: a bounded list of names (or short sentences) for a message, each item cut too."""
+    shown = ", ".join(quoted(item, 2 * MAX_QUOTED, repr_=False) for item in items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def quoted(value: object, limit: int = MAX_QUOTED, repr_: bool = True) -> str:
+    """`value` as a message quotes it (its repr, or `str` with `repr_=False`), cut to about `limit` characters."""
+    text = repr(value) if repr_ else str(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def one_line(text: str, limit: int = MAX_LINE) -> str:
+    """`text` as one bounded line: line breaks and other control characters escaped, cut to `limit` characters."""
+    escaped = text.strip().translate(_ESCAPES)
+    if len(escaped) <= limit:
+        return escaped
+    return f"{escaped[:limit]}... ({len(escaped) - limit} more characters)"
+
+
+_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), *range(127, 160)]} | {10: "\\n", 13: "\\r", 9: "\\t"}

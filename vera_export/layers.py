@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import VeraAdapter, load_adapter
+from .errors import CheckpointError
 from .fold import fold
 from .plan import Plan, build_plan
 from .projections import Rounding
@@ -170,7 +171,10 @@ def _fold_in_place(model: nn.Module, plan: Plan, alpha: float) -> None:
     plan.check_foldable(model.state_dict(keep_vars=True))
     for name, deltas in plan.deltas.items():
         weight = model.get_parameter(name)
-        fold(weight.data, [d.delta(weight.device) for d in deltas], alpha=alpha, out=weight.data)
+        try:
+            fold(weight.data, [d.delta(weight.device) for d in deltas], alpha=alpha, out=weight.data)
+        except FloatingPointError as exc:
+            raise CheckpointError(f"{name}: the merge {exc}; check the adapter's lambdas") from None
 
 
 def untie(model: nn.Module, names: Iterable[str]) -> None:

@@ -16,14 +16,15 @@ from pathlib import Path
 import torch
 
 from .adapter import VeraAdapter, load_adapter
-from .errors import CheckpointError, IncompatibleAdapterError
+from .errors import CheckpointError, IncompatibleAdapterError, listing
 from .fold import fold
 from .io.header import TensorInfo
 from .io.index import INDEX_NAME, ShardedTensorIndex
 from .io.loader import LazyTensorLoader
 from .io.locations import Kind, locate
+from .io.model_config import read_model_config
 from .io.outputs import staged_output
-from .io.side_files import copy_side_files
+from .io.side_files import side_files
 from .io.streams import BackgroundSink, prefetch
 from .io.writer import SafetensorsWriter, write_index
 from .options import MergeOptions, Rounding, UnmergeOptions, VerifyOptions
@@ -152,17 +153,22 @@ def _rewrite(
 ) -> MergeReport:
     started = time.perf_counter()
     index = ShardedTensorIndex.from_dir(source)
+    has_config = read_model_config(source) is not None  # the output must load with from_pretrained
     plan = build_plan(adapters, index.tensors, rounding)
     plan.check_foldable(index.tensors)
     if alpha > 0 and plan.replacements:
         _refuse_tied_replacements(source, plan)
     report = MergeReport(command, output, [str(a.path) for a in adapters], warnings=list(plan.warnings))
+    if not has_config:
+        report.warnings.append(f"{source} has no config.json: the output will not load with from_pretrained")
     if alpha < 0 and plan.replacements:
         report.warnings.append(
             f"{len(plan.replacements)} tensors were replaced by the merge (trained biases, modules_to_save) and cannot "
             f"be recovered from the merged checkpoint; they are kept as merged: {', '.join(sorted(plan.replacements))}"
         )
     replacements = plan.replacements if alpha > 0 else {}
+    side = side_files(source, index.shards)  # every file checked before the first byte is written
+    report.warnings.extend(side.warnings())
     label = "merging" if alpha > 0 else "unmerging"
     total = sum(info.nbytes for info in index.tensors.values())
     with staged_output(output, [source, *(a.path for a in adapters)], force, fsync) as staging:
@@ -173,7 +179,7 @@ def _rewrite(
             )  # fmt: skip
         if index.is_sharded:
             write_index(staging / INDEX_NAME, index.weight_map, index.index_metadata or {}, fsync)
-        report.warnings.extend(copy_side_files(source, staging, index.shards))
+        side.copy(staging)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -206,9 +212,14 @@ def rewrite_tensors(
     With `overlap`, the next weight is read and the previous one written while the current one folds.
     """
 
+    nonfinite: list[str] = []
+
     def read(shard: Path, info: TensorInfo) -> _Item:
         if info.name in deltas:
-            return _Item(shard, info, loader.load(info), folded=True)
+            weight = loader.load(info)
+            if not torch.isfinite(weight).all():  # in the reader thread, beside the fold
+                nonfinite.append(info.name)
+            return _Item(shard, info, weight, folded=True)
         if info.name in replacements:
             return _Item(shard, info, replacements[info.name].to(info.dtype).contiguous())
         return _Item(shard, info)
@@ -230,10 +241,15 @@ def rewrite_tensors(
         if not overlap:
             for item in items:
                 writer.write(fold_item(item))
-            return
-        with BackgroundSink(writer.write) as sink:
-            for item in prefetch(items):
-                sink.put(fold_item(item))
+        else:
+            with BackgroundSink(writer.write) as sink:
+                for item in prefetch(items):
+                    sink.put(fold_item(item))
+    if nonfinite:
+        report.warnings.append(
+            f"{counted(len(nonfinite), 'adapted weight')} of the base hold NaN or Inf, kept where they are (the sum is "
+            f"not finite there either): {listing(nonfinite, 5)}"
+        )
 
 
 def _refuse_tied_replacements(source: Path, plan: Plan) -> None:

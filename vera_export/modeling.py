@@ -2,38 +2,62 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 import transformers
 
-from .errors import CheckpointError
+from .errors import CheckpointError, quoted
+from .io.model_config import CONFIG_NAME, read_model_config
+
+# What transformers raises for a config or checkpoint it cannot use: the input's fault, told in one line.
+_TRANSFORMERS_ERRORS = (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError)
 
 
 def model_class(model_dir: Path) -> type[transformers.PreTrainedModel]:
-    """The transformers class named by `config.json`'s `architectures`."""
-    config_path = model_dir / "config.json"
-    try:
-        architectures = json.loads(config_path.read_text()).get("architectures") or []
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{config_path}: cannot be read ({exc}); a Hugging Face model needs its config.json"
-        ) from None
+    """The transformers class named by `config.json`'s `architectures`.
+
+    Raises:
+        CheckpointError: No or a broken config.json, or an architecture this transformers does not know.
+    """
+    config_path = model_dir / CONFIG_NAME
+    raw = read_model_config(model_dir)
+    if raw is None:
+        raise CheckpointError(f"{config_path}: not found; a Hugging Face model needs its config.json")
+    architectures = raw.get("architectures") or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
-    if cls is None:
+    if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
         raise CheckpointError(
-            f"{config_path}: architectures {architectures} names no class this transformers "
+            f"{config_path}: architectures {quoted(architectures)} names no model class this transformers "
             f"{transformers.__version__} knows; model outputs cannot be computed"
         )
     return cls
 
 
 def model_config(model_dir: Path) -> transformers.PretrainedConfig:
-    """The model's config, as its architecture's class reads `config.json`."""
-    return model_class(model_dir).config_class.from_pretrained(model_dir)
+    """The model's config, as its architecture's class reads `config.json`.
+
+    Raises:
+        CheckpointError: transformers cannot read it.
+    """
+    cls = model_class(model_dir)
+    with _as_checkpoint_errors(model_dir):
+        return cls.config_class.from_pretrained(model_dir)
+
+
+@contextlib.contextmanager
+def _as_checkpoint_errors(model_dir: Path) -> Iterator[None]:
+    try:
+        yield
+    except _TRANSFORMERS_ERRORS as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(
+            f"{model_dir}: transformers cannot load it ({type(exc).__name__}: {quoted(reason, 300, repr_=False)}); "
+            f"check its config.json and weights"
+        ) from exc
 
 
 def tied_partners(model_dir: Path, names: Iterable[str]) -> dict[str, list[str]]:
@@ -41,9 +65,9 @@ def tied_partners(model_dir: Path, names: Iterable[str]) -> dict[str, list[str]]
 
     Builds the model from `config.json` on the meta device: no weights are read or allocated.
     """
-    config = transformers.AutoConfig.from_pretrained(model_dir)
-    with torch.device("meta"):
-        model = model_class(model_dir)(config)
+    cls = model_class(model_dir)
+    with _as_checkpoint_errors(model_dir), torch.device("meta"):
+        model = cls(cls.config_class.from_pretrained(model_dir))
     groups: dict[int, list[str]] = defaultdict(list)
     for name, param in model.named_parameters(remove_duplicate=False):
         groups[id(param)].append(name)
@@ -57,8 +81,10 @@ def load_model(model_dir: Path, dtype: torch.dtype) -> transformers.PreTrainedMo
     """The model in `dtype`, in eval mode, without a KV cache."""
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # our own progress bar is the only one
+    cls = model_class(model_dir)
     try:
-        model = model_class(model_dir).from_pretrained(model_dir, dtype=dtype)
+        with _as_checkpoint_errors(model_dir):
+            model = cls.from_pretrained(model_dir, dtype=dtype)
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()

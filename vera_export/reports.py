@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import PurePath
 from typing import Any, ClassVar, Protocol
 
+from .errors import one_line
+
 ENVELOPE_VERSION = 1
 EXIT_OK = 0
 EXIT_FAILED = 1  # verification ran and failed, or inspect --base found a misfit
@@ -114,9 +116,8 @@ def envelope(
 
 
 def message(error: BaseException) -> str:
-    """An error's message as one line."""
-    text = str(error) or type(error).__name__
-    return " ".join(text.split())
+    """An error's message as one bounded line (see `errors.one_line`)."""
+    return one_line(str(error) or type(error).__name__)
 
 
 def counted(n: int, noun: str, plural: str | None = None) -> str:

@@ -9,12 +9,13 @@ from the length of the layer's `lambda_b`, which is `out_features`; only square 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import regex
+
 from .adapter import VeraAdapter, VeraConfig
-from .errors import IncompatibleAdapterError
+from .errors import AdapterError, IncompatibleAdapterError, quoted
 
 
 @dataclass(frozen=True)
@@ -38,17 +39,40 @@ class TargetLayer:
     fan_in_fan_out: bool
 
 
+# One match of an adapter's pattern against one module name may take this long; a pattern that needs more
+# backtracks catastrophically (PEFT itself hangs on it), and is refused.
+MATCH_SECONDS = 0.5
+
+
+def _match(field: str, pattern: str, module: str, full: bool = False) -> regex.Match | None:
+    """`re.match` (or `re.fullmatch`) of an adapter config's pattern, bounded in time.
+
+    Raises:
+        AdapterError: The match takes longer than `MATCH_SECONDS`.
+    """
+    try:
+        return (regex.fullmatch if full else regex.match)(pattern, module, timeout=MATCH_SECONDS)
+    except TimeoutError:
+        raise AdapterError(
+            f"adapter_config.json: field {quoted(field)} holds a regular expression that takes over {MATCH_SECONDS} s "
+            f"to match the module name {quoted(module)} (it backtracks catastrophically); simplify it"
+        ) from None
+
+
 def is_targeted(config: VeraConfig, module: str) -> bool:
     """PEFT's `check_target_module_exists` for a VeRA config, quirks included.
 
     A module named in full in a `target_modules` list is adapted whatever `layers_to_transform` says; only suffix
     matches are filtered by layer index, as in PEFT.
+
+    Raises:
+        AdapterError: One of the config's patterns takes too long to match (see `MATCH_SECONDS`).
     """
-    if any(re.match(rf"(^|.*\.){name}($|\..*)", module) for name in config.modules_to_save):
+    if any(_match("modules_to_save", rf"(^|.*\.){name}($|\..*)", module) for name in config.modules_to_save):
         return False
     targets = config.target_modules
     if isinstance(targets, str):
-        return re.fullmatch(targets, module) is not None
+        return _match("target_modules", targets, module, full=True) is not None
     if module in targets:
         return True
     if not any(module.endswith(f".{target}") for target in targets):
@@ -57,11 +81,11 @@ def is_targeted(config: VeraConfig, module: str) -> bool:
     if layers is None or layers == ():
         return True
     if not config.layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+        match = regex.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
     else:
         match = None
         for pattern in config.layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
+            match = _match("layers_pattern", rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
             if match is not None:
                 break
     if match is None:
@@ -120,7 +144,7 @@ def incompatibilities(adapter: VeraAdapter, shapes: Mapping[str, tuple[int, ...]
         shape = linear.get(module)
         if shape is None:
             problems.append(
-                f"module {module!r} has no 2-D weight in the base (was the adapter trained on another model?)"
+                f"module {quoted(module)} has no 2-D weight in the base (was the adapter trained on another model?)"
             )
         elif layer.lambda_b.numel() not in shape:
             problems.append(
@@ -128,14 +152,16 @@ def incompatibilities(adapter: VeraAdapter, shapes: Mapping[str, tuple[int, ...]
                 f"{list(shape)}"
             )
         elif not is_targeted(adapter.config, module):
-            problems.append(f"module {module!r} has lambdas but target_modules does not match it")
+            problems.append(f"module {quoted(module)} has lambdas but target_modules does not match it")
     problems.extend(_ambiguous_layouts(adapter, linear))
     for name, tensor in adapter.replacements.items():
         shape = shapes.get(name)
         if shape is None:
-            problems.append(f"trained tensor {name!r} has no counterpart in the base")
+            problems.append(f"trained tensor {quoted(name)} has no counterpart in the base")
         elif tuple(tensor.shape) != tuple(shape):
-            problems.append(f"trained tensor {name!r} is {list(tensor.shape)} but the base has {list(shape)}")
+            problems.append(
+                f"trained tensor {quoted(name)} is {list(tensor.shape)} but the base has {list(shape)}"
+            )
     return problems
 
 
@@ -188,7 +214,7 @@ def projection_dims(adapter: VeraAdapter, shapes: Mapping[str, tuple[int, ...]])
     ]
     if not layers:
         raise IncompatibleAdapterError(
-            f"{adapter.path}: target_modules {adapter.config.target_modules!r} matches no linear layer of the base"
+            f"{adapter.path}: target_modules {quoted(adapter.config.target_modules)} matches no linear layer of the base"
         )
     return max(layer.in_features for layer in layers), max(layer.out_features for layer in layers)
 

@@ -19,16 +19,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .adapter import VeraAdapter, VeraLayer, load_adapter
-from .errors import CheckpointError
+from .errors import CheckpointError, listing
 from .io.index import ShardedTensorIndex
-from .io.loader import LazyTensorLoader
+from .io.loader import LazyTensorLoader, same_bytes
 from .io.locations import Kind, locate
 from .options import Rounding, VerifyOptions
 from .plan import LayerDelta, build_plan, pin_projections
@@ -122,8 +122,11 @@ def verify(
         return report
     plan = build_plan(loaded, base_index.tensors, options.rounding)
     report.warnings.extend(plan.warnings)
-    total = sum(base_index.tensors[name].nbytes for name in plan.deltas)
-    with LazyTensorLoader() as loader, progress_bar(total, "verifying layers", options.progress) as advance:
+    copied = [
+        name for name in base_index.tensors if name not in plan.deltas and name not in plan.replacements
+    ]
+    total = sum(info.nbytes for info in base_index.tensors.values())
+    with LazyTensorLoader() as loader, progress_bar(total, "verifying", options.progress) as advance:
         for name, deltas in plan.deltas.items():
             base_weight = loader.load(base_index.tensors[name])
             merged_weight = loader.load(merged_index.tensors[name])
@@ -131,6 +134,8 @@ def verify(
             advance(base_index.tensors[name].nbytes)
         for name, tensor in plan.replacements.items():
             report.checks.append(_check_replacement(name, tensor, loader.load(merged_index.tensors[name])))
+            advance(base_index.tensors[name].nbytes)
+        report.checks.append(_check_copied(base_index, merged_index, copied, advance))
     if full_model is None:
         full_model = _fits_in_memory(base_index)
         if not full_model:
@@ -156,6 +161,15 @@ def check_layer(
         return w.T if target.fan_in_fan_out else w
 
     W, W_merged = linear(base_weight), linear(merged_weight)
+    # NaN or Inf in the base stay where they are (W + delta is not finite either): there the merged weight must be
+    # the same, and the numbers are compared everywhere else.
+    finite = torch.isfinite(W)
+    same_nonfinite, kept = True, None
+    if not finite.all():
+        base_bad, merged_bad = W[~finite], W_merged[~finite]
+        same_nonfinite = bool(((merged_bad == base_bad) | (merged_bad.isnan() & base_bad.isnan())).all())
+        W, W_merged = W.masked_fill(~finite, 0), W_merged.masked_fill(~finite, 0)
+        kept = finite.all(dim=1)  # the rows (outputs) a probe can check
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((PROBES, target.in_features), generator=generator, dtype=torch.float64).to(dtype)
     expected = x @ W.T
@@ -163,6 +177,8 @@ def check_layer(
     for scaled_B, scaled_A in factors:
         expected += (x @ scaled_A.T.to(dtype)) @ scaled_B.T.to(dtype)
     error = (x @ W_merged.T - expected).abs()
+    if kept is not None:
+        error = error * kept  # rows with a non-finite weight: their elements are checked one by one below
     spacing = ulp(W_merged, merged_weight.dtype)
     tolerance = (SIGMAS * spacing.square().sum(dim=1).sqrt()).expand_as(error)
     worst = (error / tolerance).argmax()
@@ -175,6 +191,7 @@ def check_layer(
                 spacing[start : start + ROWS],
                 factors,
                 start,
+                finite[start : start + ROWS],
             )
             for start in range(0, target.out_features, ROWS)
         ),
@@ -183,13 +200,17 @@ def check_layer(
 
     max_abs = error.max().item()
     scale = expected.abs().max().item() or 1.0
+    detail = f"probes at {probe_ratio:.2g} of their tolerance, elements at {row_ratio:.2g} of theirs"
+    if kept is not None:
+        where = "the same" if same_nonfinite else "NOT the same"
+        detail += f"; {int((~finite).sum())} NaN or Inf elements of the base, {where} in the merged weight"
     return Check(
         name=f"layer {target.module}",
         max_abs_error=max_abs,
         max_rel_error=max_abs / scale,
         tolerance=tolerance.flatten()[worst].item(),
-        passed=probe_ratio <= 1.0 and row_ratio <= 1.0,
-        detail=f"probes at {probe_ratio:.2g} of their tolerance, elements at {row_ratio:.2g} of theirs",
+        passed=probe_ratio <= 1.0 and row_ratio <= 1.0 and same_nonfinite,
+        detail=detail,
     )
 
 
@@ -199,8 +220,10 @@ def _rows_ratio(
     spacing: torch.Tensor,
     factors: list[tuple[torch.Tensor, torch.Tensor]],
     start: int,
+    compared: torch.Tensor,
 ) -> float:
-    """The worst element of a block of rows of `W'` against `W + delta_W`, in units of its tolerance.
+    """The worst element of a block of rows of `W'` against `W + delta_W`, in units of its tolerance, over the
+    elements `compared` says.
 
     `W + delta_W` is computed in `W`'s dtype, the fold's precision (float32 for 16-bit weights). A merge may round
     the sum once, and may compute the delta in float32 first (PEFT does): an element may be off by its ulp plus
@@ -211,7 +234,7 @@ def _rows_ratio(
     exact = W.clone()
     for scaled_B, scaled_A in factors:
         exact.addmm_(scaled_B[start:stop].to(W.dtype), scaled_A.to(W.dtype))
-    difference = (W_merged.double() - exact.double()).abs()
+    difference = (W_merged.double() - exact.double()).abs().masked_fill_(~compared, 0)
     over = difference > spacing
     if not over.any():
         return (difference / spacing).max().item() if difference.numel() else 0.0
@@ -250,6 +273,22 @@ def _check_structure(base: ShardedTensorIndex, merged: ShardedTensorIndex) -> Ch
         passed=not problems,
         detail="; ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else ""),
     )
+
+
+def _check_copied(
+    base: ShardedTensorIndex, merged: ShardedTensorIndex, names: list[str], advance: Callable[[int], None]
+) -> Check:
+    """Every tensor the merge copies is the base's, byte for byte, read chunk by chunk at any model size."""
+    differ = []
+    for name in names:
+        if not same_bytes(base.tensors[name], merged.tensors[name]):
+            differ.append(name)
+        advance(base.tensors[name].nbytes)
+    size = sum(base.tensors[name].nbytes for name in names)
+    detail = f"{counted(len(names), 'tensor')}, {size / 1e6:.1f} MB"
+    if differ:
+        detail += f"; differ: {listing(differ, 5)}"
+    return Check("copied tensors equal the base's, byte for byte", 0.0, 0.0, 0.0, not differ, detail)
 
 
 def _check_replacement(name: str, trained: torch.Tensor, merged: torch.Tensor) -> Check:
@@ -308,12 +347,28 @@ def check_model_outputs(
         actual = model_outputs(merged_model, batch)
         for key, want in reference.items():
             got = actual[key]
-            error = (got - want).abs().max().item()
-            scale = want.abs().max().item() or 1.0
-            tolerance = MODEL_ROUNDOFFS * roundoff * scale
+            # Outputs the reference cannot compute (NaN or Inf, from a base holding them) are compared position
+            # by position: the merged model must not compute them either, and the rest is compared in numbers.
+            finite = torch.isfinite(want)
+            same = bool(((got == want) | (got.isnan() & want.isnan()))[~finite].all())
+            error = (got - want).abs()[finite].max().item() if finite.any() else 0.0
+            scale = want.abs()[finite].max().item() if finite.any() else 1.0
+            tolerance = MODEL_ROUNDOFFS * roundoff * (scale or 1.0)
+            detail = (
+                ""
+                if finite.all()
+                else f"{int((~finite).sum())} outputs not finite, {'the same' if same else 'NOT the same'} in the merged model"
+            )
             shape = "x".join(map(str, batch["input_ids"].shape))
             checks.append(
-                Check(f"model {key} [{shape}]", error, error / scale, tolerance, error <= tolerance)
+                Check(
+                    f"model {key} [{shape}]",
+                    error,
+                    error / (scale or 1.0),
+                    tolerance,
+                    same and error <= tolerance,
+                    detail,
+                )
             )
     return checks
 

@@ -174,3 +174,63 @@ def test_racing_merges_one_wins_cleanly(big_pair, tmp_path) -> None:
     assert "another process" in loser or "exists and is not empty" in loser
     assert not list(tmp_path.glob(".out.tmp-*"))
     assert verify(base, [adapter], output, VerifyOptions(full_model=False, progress=False)).passed
+
+
+def _disk_fills_after(limit: int):
+    """An `os.write` for the writer that fails with ENOSPC once `limit` bytes were written, as a full disk does."""
+    written = [0]
+    real = os.write
+
+    def write(fd: int, data) -> int:
+        if written[0] + len(data) > limit:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written[0] += len(data)
+        return real(fd, data)
+
+    return write
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["new output", "--force over an old one"])
+def test_a_disk_that_fills_up_mid_shard_is_one_line_and_exit_2(work, monkeypatch, force: bool) -> None:
+    """The failing write holds a slice of the aligned buffer in its traceback: closing must not raise over it."""
+    tmp_path, base, adapter = work
+    if force:
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "old.txt").write_text("old")
+    monkeypatch.setattr("vera_export.io.writer.os.write", _disk_fills_after(50_000))
+    before = digest(base, adapter)
+    result = cli_merge(tmp_path, base, adapter, *(["--force"] if force else []))
+    if force:
+        assert (tmp_path / "out" / "old.txt").read_text() == "old"  # the old output untouched
+        shutil.rmtree(tmp_path / "out")
+    assert_clean_failure(
+        result, tmp_path, before, (base, adapter), "No space left on device", "free some space"
+    )
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 256 KB tmpfs, where the machine lets this process mount one (root on Linux)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_merging_onto_a_really_full_disk(small_disk: Path, fixture_root) -> None:
+    """A real filesystem that fills up (the 380 KB float32 base does not fit in 256 KB)."""
+    from tests.helpers import adapter_dir, base_dir, run_cli
+
+    name = "llama-qv"
+    base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
+    output = small_disk / "out"
+    result = run_cli("merge", "--base", base, "--adapter", adapter, "--output", output, "--quiet")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "No space left on device" in lines[0], result.stderr
+    assert list(small_disk.iterdir()) == []

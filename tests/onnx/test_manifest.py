@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.helpers import adapter_dir
 from vera_export.adapter import load_adapter
@@ -33,7 +35,13 @@ def _manifest(**changes) -> Manifest:
         adapters=["/adapters/a"],
         rounding="fma",
         base_tensors={"w": ["bfloat16", [4, 3]], "ids": ["int64", [7]], "scalar": ["float32", []]},
-        projections={"r": 2, "projection_prng_key": 0, "vera_A": [2, 3], "vera_B": [4, 2], "sha256": "ab"},
+        projections={
+            "r": 2,
+            "projection_prng_key": 0,
+            "vera_A": [2, 3],
+            "vera_B": [4, 2],
+            "sha256": "ab" * 32,
+        },
         layers=["layer"],
         replaced=["layer.bias"],
         overridable={"vera.layer.lambda_b": {"shape": [4], "dtype": "float32"}},
@@ -144,3 +152,28 @@ def test_the_digest_is_of_the_float32_values_in_order(fixture_root: Path) -> Non
         "vera_B": list(vera_B.shape),
         "sha256": digest,
     }
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from([f.name for f in dataclasses.fields(Manifest)]), value=_JSON)
+def test_fuzzed_manifest_fields_end_in_our_error_or_a_valid_manifest(
+    tmp_path: Path, field: str, value
+) -> None:
+    """Any value of any field: Manifest.read gives a CheckpointError, or a manifest whose fields are all valid
+    (which onnx-adapter then uses without a crash)."""
+    raw = {"format": FORMAT, **dataclasses.asdict(_manifest()), field: value}
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(raw))
+    try:
+        manifest = Manifest.read(tmp_path)
+    except CheckpointError as exc:
+        assert str(tmp_path) in str(exc) and len(str(exc)) < 3000
+    else:
+        assert manifest.problems() == []
+        manifest.base_specs()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, quoted
 
 # The `safetensors` library refuses headers above this size (its MAX_HEADER_SIZE); so do we.
 MAX_HEADER_BYTES = 100_000_000
@@ -91,7 +91,7 @@ def _corrupt(path: Path, what: str) -> CheckpointError:
 
 
 def _tensor_corrupt(path: Path, name: str, what: str) -> CheckpointError:
-    return _corrupt(path, f"tensor {name!r} {what}")
+    return _corrupt(path, f"tensor {quoted(name)} {what}")
 
 
 def is_uint(value: object) -> bool:
@@ -112,7 +112,7 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     obj: dict[str, object] = {}
     for key, value in pairs:
         if key in obj:
-            raise ValueError(f"duplicate key {key!r}")
+            raise ValueError(f"duplicate key {quoted(key)}")
         obj[key] = value
     return obj
 
@@ -165,11 +165,13 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > MAX_HEADER_BYTES:
                 raise _corrupt(
-                    path, f"declares a {header_len}-byte header, over the {MAX_HEADER_BYTES}-byte limit"
+                    path,
+                    f"is not a safetensors file: its first 8 bytes, as a header length, pass the {MAX_HEADER_BYTES}-byte limit",
                 )
             if 8 + header_len > file_size:
                 raise _corrupt(
-                    path, f"declares a {header_len}-byte header but the file is only {file_size} bytes"
+                    path,
+                    f"is not a safetensors file: its first 8 bytes, as a header length, pass its size ({file_size} bytes)",
                 )
             raw = f.read(header_len)
     except FileNotFoundError:
@@ -179,7 +181,10 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
             f"{path}: cannot be read ({e.strerror or e}); check it is a readable file."
         ) from e
     if len(raw) != header_len:
-        raise _corrupt(path, f"header ended after {len(raw)} of {header_len} bytes (changed while reading?)")
+        raise _corrupt(
+            path,
+            f"header ended after {len(raw)} bytes, short of its declared length (changed while reading?)",
+        )
     try:
         header = parse_json(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -197,7 +202,8 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
     for key, value in metadata.items():
         if not isinstance(value, str) or not _encodes(key) or not _encodes(value):
             raise _corrupt(
-                path, f"__metadata__ entry {key!r} is {value!r}; metadata must map strings to strings"
+                path,
+                f"__metadata__ entry {quoted(key)} is {quoted(value)}; metadata must map strings to strings",
             )
 
     data_start = 8 + header_len
@@ -210,7 +216,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
 
 def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
     if not _encodes(name):
-        raise _corrupt(path, f"tensor name {name!r} is not valid UTF-8")
+        raise _corrupt(path, f"tensor name {quoted(name)} is not valid UTF-8")
     if not isinstance(entry, dict):
         raise _tensor_corrupt(path, name, f"is a JSON {type(entry).__name__}, expected an object")
     missing = [key for key in ("dtype", "shape", "data_offsets") if key not in entry]
@@ -219,16 +225,16 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_siz
     code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
         raise CheckpointError(
-            f"{path}: tensor {name!r} has dtype {code!r}, which this tool cannot read "
+            f"{path}: tensor {quoted(name)} has dtype {quoted(code)}, which this tool cannot read "
             f"(supported: {', '.join(SAFETENSORS_DTYPES)}); re-save the checkpoint in a supported dtype."
         )
     if not isinstance(shape, list) or not all(is_uint(dim) and dim <= MAX_DIM for dim in shape):
         raise _tensor_corrupt(
-            path, name, f"has shape {shape!r}, expected a list of non-negative 64-bit integers"
+            path, name, f"has shape {quoted(shape)}, expected a list of non-negative 64-bit integers"
         )
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_uint(o) for o in offsets):
         raise _tensor_corrupt(
-            path, name, f"has data_offsets {offsets!r}, expected [begin, end] non-negative integers"
+            path, name, f"has data_offsets {quoted(offsets)}, expected [begin, end] non-negative integers"
         )
     begin, end = offsets
     if begin > end:
@@ -266,7 +272,7 @@ def _check_coverage(path: Path, infos: list[TensorInfo], data_start: int, data_s
         begin = info.offset - data_start
         if begin > covered:
             after = (
-                f"after tensor {previous!r}, which ends"
+                f"after tensor {quoted(previous)}, which ends"
                 if previous is not None
                 else "but the data region starts"
             )
@@ -280,7 +286,7 @@ def _check_coverage(path: Path, infos: list[TensorInfo], data_start: int, data_s
             raise _tensor_corrupt(
                 path,
                 info.name,
-                f"starts at data byte {begin}, overlapping tensor {previous!r} which ends at byte {covered}",
+                f"starts at data byte {begin}, overlapping tensor {quoted(previous)} which ends at byte {covered}",
             )
         covered, previous = begin + info.nbytes, info.name
     if covered != data_size:
@@ -291,7 +297,7 @@ def _check_coverage(path: Path, infos: list[TensorInfo], data_start: int, data_s
 
 def truncated_error(info: TensorInfo, done: int) -> CheckpointError:
     return CheckpointError(
-        f"{info.path}: tensor {info.name!r} ends at byte {info.offset + info.nbytes} but the file ends at byte "
+        f"{info.path}: tensor {quoted(info.name)} ends at byte {info.offset + info.nbytes} but the file ends at byte "
         f"{info.offset + done}; it was truncated or replaced after its header was checked - re-download it."
     )
 
@@ -300,5 +306,5 @@ def check_info(info: TensorInfo) -> None:
     # A hand-made TensorInfo with a wrong nbytes would read the neighbour's bytes or overrun `out`.
     if info.nbytes != math.prod(info.shape) * info.dtype.itemsize:
         raise ValueError(
-            f"{info.name!r}: nbytes {info.nbytes} does not match {info.dtype} {list(info.shape)}"
+            f"{quoted(info.name)}: nbytes {info.nbytes} does not match {info.dtype} {list(info.shape)}"
         )

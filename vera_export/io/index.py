@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath
 
-from ..errors import CheckpointError, listing
+from ..errors import CheckpointError, listing, quoted
 from .header import TensorInfo, parse_json, read_header
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -21,7 +21,7 @@ def _check_shard_name(index_path: Path, name: str) -> None:
     # Lexical check only: Hugging Face cache snapshots are symlinks into ../../blobs, so resolving would fail.
     if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name:
         raise CheckpointError(
-            f"{index_path}: names shard {name!r}, which is not a file inside the model directory; "
+            f"{index_path}: names shard {quoted(name)}, which is not a file inside the model directory; "
             f"shard names must be relative paths without '..' - fix or regenerate the index."
         )
 
@@ -58,7 +58,7 @@ class ShardedTensorIndex:
             for name, info in tensors.items():
                 if name in self.tensors:
                     raise CheckpointError(
-                        f"{shard}: tensor {name!r} is also in {self.tensors[name].path}; "
+                        f"{shard}: tensor {quoted(name)} is also in {self.tensors[name].path}; "
                         f"a checkpoint must store each tensor once - re-save it."
                     )
                 self.tensors[name] = info
@@ -102,14 +102,18 @@ class ShardedTensorIndex:
         problems = []
         for name, shard_name in weight_map.items():
             if name not in headers[model_dir / shard_name][0]:
-                problems.append(f"tensor {name!r} is listed for {shard_name} but that shard does not hold it")
+                problems.append(
+                    f"tensor {quoted(name)} is listed for {shard_name} but that shard does not hold it"
+                )
         for shard_name in shard_names:
             for name in headers[model_dir / shard_name][0]:
                 if name not in weight_map:
-                    problems.append(f"{shard_name} holds tensor {name!r}, which the index does not list")
+                    problems.append(
+                        f"{shard_name} holds tensor {quoted(name)}, which the index does not list"
+                    )
                 elif weight_map[name] != shard_name:
                     problems.append(
-                        f"{shard_name} holds tensor {name!r}, which the index puts in {weight_map[name]}"
+                        f"{shard_name} holds tensor {quoted(name)}, which the index puts in {weight_map[name]}"
                     )
         if problems:
             raise CheckpointError(
@@ -177,7 +181,7 @@ def _read_index(index_path: Path) -> tuple[dict[str, str], dict]:
     for name, shard_name in weight_map.items():
         if not isinstance(shard_name, str):
             raise CheckpointError(
-                f"{index_path}: maps tensor {name!r} to {shard_name!r}, expected a file name."
+                f"{index_path}: maps tensor {quoted(name)} to {quoted(shard_name)}, expected a file name."
             )
         _check_shard_name(index_path, shard_name)
     metadata = index.get("metadata")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import BinaryIO
@@ -104,3 +105,34 @@ def load_tensors(index: ShardedTensorIndex) -> dict[str, torch.Tensor]:
     """Loads every tensor of `index` into memory: for small files such as adapters, never for a base model."""
     with LazyTensorLoader() as loader:
         return {name: loader.load(info) for name, info in index.tensors.items()}
+
+
+def same_bytes(a: TensorInfo, b: TensorInfo, chunk: int = 16 * 1024 * 1024) -> bool:
+    """Whether two tensors are stored as the same bytes (dtype, shape and data), read `chunk` bytes at a time.
+
+    Raises:
+        CheckpointError: A file became unreadable or shorter after its header was checked.
+    """
+    if (a.dtype, a.shape, a.nbytes) != (b.dtype, b.shape, b.nbytes):
+        return False
+    check_info(a)
+    check_info(b)
+    try:
+        with open(a.path, "rb", buffering=0) as fa, open(b.path, "rb", buffering=0) as fb:
+            done = 0
+            while done < a.nbytes:
+                n = min(chunk, a.nbytes - done)
+                left, right = (
+                    os.pread(fa.fileno(), n, a.offset + done),
+                    os.pread(fb.fileno(), n, b.offset + done),
+                )
+                if len(left) != n:
+                    raise truncated_error(a, done + len(left))
+                if len(right) != n:
+                    raise truncated_error(b, done + len(right))
+                if left != right:
+                    return False
+                done += n
+    except OSError as e:
+        raise CheckpointError(f"{a.path} or {b.path}: cannot be read ({e.strerror or e}).") from e
+    return True

@@ -316,8 +316,15 @@ class _OutputFile:
         self.closed = True
         os.close(self.fd)
         if self.buffer is not None:
-            self.view.release()
-            self.buffer.close()
+            view, buffer = self.view, self.buffer
+            self.view = self.buffer = None
+            try:
+                view.release()
+                buffer.close()
+            except BufferError:
+                # A slice of the buffer is still held, by the traceback of the write that failed (a full disk):
+                # the memory goes with it. Raising here would hide that error behind this one.
+                pass
 
 
 def _write_fd(fd: int, data: memoryview) -> None:

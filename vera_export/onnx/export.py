@@ -21,7 +21,7 @@ from ..errors import CheckpointError
 from ..io.index import ShardedTensorIndex
 from ..io.locations import Kind, locate
 from ..io.outputs import staged_output
-from ..io.side_files import copy_side_files
+from ..io.side_files import side_files
 from ..modeling import load_model, model_class
 from ..options import OnnxOptions, VerifyOnnxOptions
 from ..progress import stage_bar
@@ -127,6 +127,9 @@ def export_onnx(
         external_data = passes.needs_external_data(index, signature.dtype, options.external_data)
     adapter_paths = [str(a.path) for a in resolution.adapters]
     report = OnnxReport(output, mode.name, task.name, adapter_paths, warnings=list(resolution.warnings))
+    side = None if task.generation else side_files(base, index.shards)  # checked before anything is written
+    if side is not None:
+        report.warnings.extend(side.warnings())
     stages = [*stages, *(["verifying"] if options.verify else [])]
     with stage_bar(stages, f"exporting ({mode.name})", options.progress) as start:
         with staged_output(output, [base, *(a.path for a in resolution.adapters)], options.force) as staging:
@@ -150,7 +153,7 @@ def export_onnx(
                 start("writing")
                 passes.save(graph, staging, external_data)
                 del graph  # its weights, before verification loads the model twice more
-                report.warnings.extend(copy_side_files(base, staging, index.shards))
+                side.copy(staging)
             manifest.write(staging)
             report.files = sorted(p.name for p in staging.iterdir())
             report.overridable = len(manifest.overridable)

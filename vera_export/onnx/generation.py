@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,7 +31,7 @@ import torch
 
 from ..errors import CheckpointError, IncompatibleAdapterError
 from ..io.index import ShardedTensorIndex
-from ..io.side_files import copy_side_files
+from ..io.side_files import side_files
 from ..layers import merge_into
 from ..modeling import load_model, model_config
 from ..targets import match_layers
@@ -146,7 +147,7 @@ def _write_merged(
     """The merged checkpoint the builder reads: the base's files, its weights folded in the precision's weight
     dtype (float32 before int4 quantization)."""
     out.mkdir()
-    copy_side_files(base, out, index.shards)  # tokenizer, generation config
+    side_files(base, index.shards).copy(out)  # tokenizer, generation config
     model = merge_into(load_model(base, precision.dtype), resolution.adapters)
     model.config.use_cache = True
     model.save_pretrained(out)
@@ -154,7 +155,18 @@ def _write_merged(
 
 
 def _run_builder(source: Path, out: Path, cache: Path, precision: Precision) -> None:
-    """Run the GenAI model builder in this process, its chatter kept off our stdout and stderr."""
+    """Run the GenAI model builder in this process, its chatter kept off our stdout and stderr (and the logging
+    configuration that importing ONNX Runtime's quantizer sets up, INFO on the root logger, undone after)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        _build(source, out, cache, precision)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def _build(source: Path, out: Path, cache: Path, precision: Precision) -> None:
     with _captured() as log:
         try:
             from onnxruntime_genai.models.builder import create_model, parse_extra_options
