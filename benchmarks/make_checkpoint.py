@@ -83,14 +83,14 @@ def build_base(out: Path, layers: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def build_adapter(out: Path, shapes: dict[str, tuple[int, ...]], seed: int = 1) -> None:
+def build_adapter(out: Path, shapes: dict[str, tuple[int, ...]], seed: int = 1, rank: int = RANK) -> None:
     """An all-linear VeRA adapter as PEFT saves it for a bf16 model (projections rounded to bf16, stored fp32)."""
     modules = [
         n.removesuffix(".weight") for n in shapes if n.endswith(".weight") and n.split(".")[-2] in TARGETS
     ]
     max_in = max(shapes[f"{m}.weight"][1] for m in modules)
     max_out = max(shapes[f"{m}.weight"][0] for m in modules)
-    vera_A, vera_B = generate_projections(0, RANK, max_in, max_out)
+    vera_A, vera_B = generate_projections(0, rank, max_in, max_out)
     tensors = {"base_model.vera_A": vera_A.bfloat16().float(), "base_model.vera_B": vera_B.bfloat16().float()}
     generator = torch.Generator().manual_seed(seed)
     for module in modules:
@@ -99,13 +99,13 @@ def build_adapter(out: Path, shapes: dict[str, tuple[int, ...]], seed: int = 1) 
             torch.randn(out_features, generator=generator) * 0.01
         )
         tensors[f"base_model.model.{module}.vera_lambda_d"] = (
-            0.1 + torch.randn(RANK, generator=generator) * 0.05
+            0.1 + torch.randn(rank, generator=generator) * 0.05
         )
     out.mkdir(parents=True)
     save_tensors(out / "adapter_model.safetensors", tensors, {"format": "pt"})
     config = {
         "peft_type": "VERA",
-        "r": RANK,
+        "r": rank,
         "target_modules": TARGETS,
         "projection_prng_key": 0,
         "save_projection": True,
