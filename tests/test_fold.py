@@ -308,3 +308,46 @@ def test_a_nan_weight_does_not_hide_its_rows_cancelling_elements() -> None:
     ]
     picked = torch.stack([merged[i, j] for i, j in spots]).reshape(-1, 1)
     assert _ulp_errors(picked, exact).max() <= 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_a_delta_as_large_as_the_weights_folds_wide_within_one_ulp(
+    dtype, fan_in_fan_out, monkeypatch
+) -> None:
+    """A quarter of the elements cancelling: the first block has so many suspects that the rest of the weight is
+    folded in float64 (`fold_wide`); every element, NaN and Inf kept where the base has them, against exact."""
+    widened = []
+    real = _CancellationGuard.fold_wide
+
+    def spy(guard, weight, start, out):
+        widened.append(start)
+        real(guard, weight, start, out)
+
+    monkeypatch.setattr(_CancellationGuard, "fold_wide", spy)
+    rows, cols, r = 24, 20, 8
+    delta = _random_delta(rows, cols, r, fan_in_fan_out, seed=3)
+    left, right = delta.factors()
+    weight = _cancelling_weight(dtype, left, right, seed=3)
+    weight[5, 7], weight[17, 2] = float("nan"), float("-inf")
+    merged = fold(weight, [delta], block_rows=8)
+    assert widened == [0, 8, 16]
+    assert merged[5, 7].isnan() and merged[17, 2] == float("-inf")
+    finite, checked = weight.clone(), merged.clone()
+    finite[5, 7] = finite[17, 2] = checked[5, 7] = checked[17, 2] = 0.0
+    errors = _ulp_errors(checked, _exact(finite, [(left, right)]))
+    errors[5, 7] = errors[17, 2] = 0.0
+    assert errors.max() <= 1.0
+
+
+def test_a_wide_fold_still_refuses_a_sum_past_the_overflow_threshold() -> None:
+    """In float64 the sum does not overflow; rounding it to float16 would: refused as in the float32 path."""
+    g = torch.Generator().manual_seed(4)
+    lambda_b, lambda_d = torch.ones(16), torch.ones(4)
+    vera_A, vera_B = torch.rand(4, 16, generator=g) * 100 + 10, torch.rand(16, 4, generator=g) + 0.5
+    delta = VeraDelta(lambda_b, lambda_d, vera_A, vera_B, 16, 16)
+    left, right = delta.factors()
+    weight = (-(left.double() @ right.double())).to(torch.float16)  # every element cancels: wide from block 0
+    weight[9, 3] = 65504.0  # plus a delta of more than 16, past float16's threshold 65520
+    with pytest.raises(FloatingPointError, match="overflows torch.float16 at row 9, column 3"):
+        fold(weight, [delta], block_rows=4)

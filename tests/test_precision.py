@@ -13,6 +13,8 @@ import torch
 from vera_export.precision import (
     FOLDABLE_DTYPES,
     SIGNIFICAND_BITS,
+    _narrow_carefully,
+    all_finite,
     compute_dtype,
     exact_sums,
     gamma,
@@ -166,3 +168,38 @@ def test_exact_sums_are_correctly_rounded_where_float64_cancels() -> None:
     sums = exact_sums(w, left, right)
     assert sums.dtype == torch.float64 and sums.tolist() == expected
     assert (w + naive).tolist() != expected  # float64 alone says 0 where the exact sum is not
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_narrow_takes_the_careful_path_wherever_it_differs(dtype: torch.dtype) -> None:
+    """The fast path keeps torch's double rounding except at float32 midpoints of `dtype` and outside float16's
+    normal range: on values of every magnitude, midpoints and float32-exact values among them, it must agree with
+    the careful rounding everywhere."""
+    g = torch.Generator().manual_seed(3)
+    magnitudes = 2.0 ** torch.randint(-150, 128, (40000,), generator=g).double()
+    values = torch.randn(40000, generator=g, dtype=torch.float64) * magnitudes
+    on_float32 = values[:10000].float().double()  # exact in float32, many on midpoints after a cut
+    cut = 0xFFFF if dtype == torch.bfloat16 else 0x1FFF
+    half = 0x8000 if dtype == torch.bfloat16 else 0x1000
+    midpoints = (on_float32.float().view(torch.int32) & ~cut | half).view(torch.float32).double()
+    nudged = midpoints * (
+        1 + torch.randint(-1, 2, midpoints.shape, generator=g).double() * 2.0**-40
+    )  # float32 ties there
+    extremes = torch.tensor(
+        [3.3961e38, -3.3962e38, 65520.0, 65519.99999, 2.0**-25, 2.0**-25 * (1 + 2.0**-40)]
+    )
+    values = torch.cat([values, on_float32, midpoints, nudged, extremes.double()])
+    values = values[values.isfinite()]
+    with torch.no_grad():
+        fast, careful = narrow(values, dtype), _narrow_carefully(values, dtype)
+    assert torch.equal(fast.view(torch.int16), careful.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+def test_all_finite_finds_any_nan_or_inf(dtype: torch.dtype, bad: float | None) -> None:
+    values = torch.randn(3, 1000, generator=torch.Generator().manual_seed(4)).to(dtype)
+    if bad is not None:
+        values[2, 777] = bad
+    assert all_finite(values) is (bad is None)
+    assert all_finite(values[:2]) and all_finite(torch.empty(0, dtype=dtype))

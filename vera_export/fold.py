@@ -137,7 +137,8 @@ def fold(
         deltas: The adapters' changes to this weight, their tensors on the same device.
         alpha: 1 to merge, -1 to unmerge.
         out: Where to write the result (may be `weight` itself); a new tensor like `weight` when None.
-        block_rows: Rows per block; bounds the scratch buffers to `2 * block_rows * cols` elements.
+        block_rows: Rows per block; bounds the scratch buffers to `2 * block_rows * cols` elements (and, when
+            some element needs repair, the exact factors to `(rows + cols) * r` float64 values).
 
     Returns:
         `out`.
@@ -163,12 +164,15 @@ def fold(
     with _full_float32_matmul(weight.device):
         for start in range(0, rows, block_rows):
             stop = min(start + block_rows, rows)
-            block = buffer[: stop - start]
-            torch.mm(left_c[start:stop], right_c, out=block)
-            # Converting first and adding in one dtype is twice as fast as a mixed-dtype add.
-            block.add_(scratch[: stop - start].copy_(weight[start:stop]))
-            guard.inspect(block, weight[start:stop], start, scratch[: stop - start])
-            _store(out[start:stop], block)
+            if not guard.wide:
+                block = buffer[: stop - start]
+                torch.mm(left_c[start:stop], right_c, out=block)
+                # Converting first and adding in one dtype is twice as fast as a mixed-dtype add.
+                block.add_(scratch[: stop - start].copy_(weight[start:stop]))
+                if guard.inspect(block, weight[start:stop], start, scratch[: stop - start]):
+                    _store(out[start:stop], block)
+                    continue
+            guard.fold_wide(weight[start:stop], start, out[start:stop])
     guard.repair(out)
     return out
 
@@ -205,9 +209,10 @@ class _CancellationGuard:
     where `S = sum_k |l_k r_k| <= ||l_i|| ||r_j||`, and adding the weight rounds once more, by at most
     `u |y| / (1 - u)`. Rounding the sum `y` to a dtype with `p` significand bits is within 1 ulp of exact whenever
     the error is at most `m |y|` with `m = 2**-(p + 1)`. So an element can need repair only if
-    `|y_ij| < K ||l_i|| ||r_j||` with `K = gamma_{k+2} / (m - 2u)`: one rank-1 update and one reduction per block
-    find out. Those elements are recomputed in float64 from the exact factors and, where even that cannot vouch
-    for the result, exactly.
+    `|y_ij| < K ||l_i|| ||r_j||` with `K = gamma_{k+2} / (m - 2u)`: one product with the columns' reciprocal norms
+    and one reduction per block find out. Those elements are recomputed in float64 from the exact factors (built
+    once per weight, the first time one is needed: `(rows + cols) * k` float64 values) and, where even that cannot
+    vouch for the result, exactly.
     """
 
     def __init__(
@@ -248,6 +253,11 @@ class _CancellationGuard:
         self.row_norms = left.to(torch.float64, copy=True).square_().sum(dim=1).sqrt_() * nudge
         self.col_norms = right.to(torch.float64, copy=True).square_().sum(dim=0).sqrt_() * nudge
         self.row_norms_c, self.col_norms_c = self.row_norms.to(dtype), self.col_norms.to(dtype)
+        # The test `|y_ij| / c_j < scale * r_i` (the bound, divided by the column's norm): one product with a
+        # vector and one reduction per block. Each side is rounded at most twice, far inside the 2**-10 slack in
+        # `error_scale`; a zero column (no delta there) has an infinite reciprocal and never becomes a suspect.
+        self.inverse_col_norms_c = (1 / self.col_norms).to(dtype)
+        self.thresholds_c = (self.scale * self.row_norms).to(dtype)
         largest_delta = (
             (self.row_norms.max() * self.col_norms.max()).item() if left.numel() and right.numel() else 0.0
         )
@@ -255,48 +265,106 @@ class _CancellationGuard:
         self.suspects: list[
             tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         ] = []  # (rows, cols, weight values)
-        self._all_columns: torch.Tensor | None = None
+        self.rows, self.cols = left.shape[0], right.shape[1]
+        # Set once a block had too many suspects: the rest of the weight is folded in float64 (`fold_wide`).
+        self.wide = False
+        self._right_wide: torch.Tensor | None = None
+        self._left: torch.Tensor | None = None
+        self._right: torch.Tensor | None = None
 
-    def _exact_left(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.cat([delta.left_rows(rows) for delta in self.deltas], dim=1) * self.alpha
+    def _exact_left(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows `rows` of the exact float64 `left`, shape (len(rows), k); all of them (built once) when None."""
+        if rows is not None:
+            return torch.cat([delta.left_rows(rows) for delta in self.deltas], dim=1) * self.alpha
+        if self._left is None:
+            self._left = self._exact_left(torch.arange(self.rows, device=self.row_norms.device))
+        return self._left
 
-    def _exact_right(self, columns: torch.Tensor) -> torch.Tensor:
-        return torch.cat([delta.right_columns(columns) for delta in self.deltas], dim=1)
+    def _exact_right(self, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """Columns `columns` of the exact float64 `right`, as rows: shape (len(columns), k), contiguous to gather
+        per suspect; all of them (built once) when None."""
+        if columns is not None:
+            return torch.cat([delta.right_columns(columns) for delta in self.deltas], dim=1)
+        if self._right is None:
+            self._right = self._exact_right(torch.arange(self.cols, device=self.col_norms.device))
+        return self._right
 
-    def inspect(self, block: torch.Tensor, weight: torch.Tensor, start: int, scratch: torch.Tensor) -> None:
-        """Note the elements of one computed block that may need repair (a few passes over the block)."""
+    def inspect(self, block: torch.Tensor, weight: torch.Tensor, start: int, scratch: torch.Tensor) -> bool:
+        """Note the elements of one computed block that may need repair (a few passes over the block).
+
+        Returns False, and switches the guard to `wide`, when the block has so many suspects (a delta as large as
+        the weights) that folding it in float64 is cheaper: the caller then folds it with `fold_wide`.
+        """
         if block.numel() == 0:
-            return
-        row_norms = self.row_norms_c[start : start + len(block)]
-        torch.abs(block, out=scratch)
-        # Cheap first: the block's largest sum plus the largest error bound; NaN falls through to the full check.
-        if self.may_overflow and not (
-            scratch.amax() + self.error_scale * row_norms.amax() * self.col_norms_c.amax()
-            < self.overflow_limit
-        ):
-            self._note_near_overflow(scratch, row_norms, weight, start)
-        scratch.addr_(row_norms, self.col_norms_c, alpha=-self.scale)
+            return True
+        stop = start + len(block)
+        if self.may_overflow:
+            torch.abs(block, out=scratch)
+            # Cheap first: the block's largest sum plus the largest error bound; NaN falls through to the full check.
+            row_norms = self.row_norms_c[start:stop]
+            if not (
+                scratch.amax() + self.error_scale * row_norms.amax() * self.col_norms_c.amax()
+                < self.overflow_limit
+            ):
+                self._note_near_overflow(scratch, row_norms, weight, start)
+        torch.mul(block, self.inverse_col_norms_c, out=scratch).abs_()
+        thresholds = self.thresholds_c[start:stop]
         # Suspects are rare and scattered: find their rows first, then look only there. A NaN (from a NaN weight)
         # makes its row's minimum NaN, which must not hide the row's other elements.
         minima = scratch.amin(dim=1)
-        rows = ((minima < 0) | minima.isnan()).nonzero().flatten()
+        rows = ((minima < thresholds) | minima.isnan()).nonzero().flatten()
         if rows.numel() == 0:
-            return
-        where = (scratch[rows] < 0).nonzero()
-        i, j = rows[where[:, 0]], where[:, 1]
-        w = weight[i, j].double()
+            return True
+        if rows.numel() * 4 < len(block):
+            where = (scratch[rows] < thresholds[rows, None]).nonzero()
+            i, j = rows[where[:, 0]], where[:, 1]
+        else:  # suspects in most rows: one pass over the block beats copying the rows out
+            i, j = (scratch < thresholds[:, None]).nonzero().unbind(1)
         if not self.exact_compute and i.numel() > block.numel() // _DENSE:
-            # Many suspects (a delta as large as the weights): one float64 product beats gathering rows.
-            if self._all_columns is None:
-                self._all_columns = self._exact_right(torch.arange(block.shape[1], device=block.device)).T
-            block_rows = torch.arange(start, start + len(block), device=block.device)
-            recomputed = torch.addmm(weight.double(), self._exact_left(block_rows), self._all_columns)[i, j]
-            safe = self._safe(start + i, j, w, recomputed)
-            block[i[safe], j[safe]] = narrow(recomputed[safe], self.out_dtype).to(block.dtype)
-            i, j, w = i[~safe], j[~safe], w[~safe]
-            if not i.numel():
-                return
-        self.suspects.append((start + i, j, w))
+            self.wide = True
+            return False
+        self.suspects.append((start + i, j, weight[i, j].double()))
+        return True
+
+    def fold_wide(self, weight: torch.Tensor, start: int, out: torch.Tensor) -> None:
+        """Fold rows `start:` of a 16-bit weight in float64, from the exact factors, into `out`.
+
+        The product of exact float64 factors plus the weight is within `gamma64 (|w| + ||l_i|| ||r_j||)` of exact
+        in any summation order (the weight counts as one more term), so wherever that is at most `m |y|` the sum
+        rounds (`narrow`, once) to within 1 ulp; the float32 guard's cancellation bound shrinks by 2**29, so next
+        to no element is left for `repair`. Rows go `2**20 / cols` at a time, bounding the float64 buffers.
+        """
+        if self._right_wide is None:
+            self._right_wide = self._exact_right().T.contiguous()
+        left, right = self._exact_left(), self._right_wide
+        step = max(1, 2**20 // max(1, self.cols))
+        buffer = torch.empty((min(step, len(weight)), self.cols), dtype=torch.float64, device=weight.device)
+        scratch = torch.empty_like(buffer)
+        for offset in range(0, len(weight), step):
+            first = start + offset
+            stored = weight[offset : offset + step]
+            y, w = buffer[: len(stored)], scratch[: len(stored)].copy_(stored)
+            torch.mm(left[first : first + len(w)], right, out=y)
+            y.add_(w)  # faster than addmm here; the bound below holds for either order of the sum
+            magnitudes = y.abs()
+            # Per row from its extremes first; the rows that fail are checked element by element.
+            row_norms = self.row_norms[first : first + len(w)]
+            bound = self.gamma64 * (stored.abs().amax(dim=1).double() + row_norms * self.col_norms.amax())
+            rows = (~(bound <= self.margin * magnitudes.amin(dim=1))).nonzero().flatten()
+            if self.may_overflow:
+                rows = torch.cat([rows, (magnitudes.amax(dim=1) >= self.overflow_limit).nonzero().flatten()])
+            if rows.numel():
+                rows = rows.unique()
+                bound = self.gamma64 * (w[rows].abs() + row_norms[rows, None] * self.col_norms)
+                unsafe = ~(bound <= self.margin * magnitudes[rows])
+                if self.may_overflow:
+                    unsafe |= magnitudes[rows] >= self.overflow_limit
+                unsafe &= torch.isfinite(w[rows])  # NaN and Inf stay where they are, as in `inspect`
+                where = unsafe.nonzero()
+                i, j = rows[where[:, 0]], where[:, 1]
+                if i.numel():
+                    self.suspects.append((first + i, j, w[i, j]))
+            out[offset : offset + len(w)] = narrow(y, out.dtype)
 
     def _note_near_overflow(
         self, magnitudes: torch.Tensor, row_norms: torch.Tensor, weight: torch.Tensor, start: int
@@ -317,8 +385,14 @@ class _CancellationGuard:
         if not self.suspects:
             return
         i, j, w = (torch.cat(parts) for parts in zip(*self.suspects))
+        # Gathering from the whole exact factors beats building each suspect's row and column once there are
+        # about as many suspects as rows and columns.
+        whole = len(i) > (self.rows + self.cols) // 2
         for ci, cj, cw in zip(i.split(_CHUNK), j.split(_CHUNK), w.split(_CHUNK)):
-            left, right = self._exact_left(ci), self._exact_right(cj)
+            if whole:
+                left, right = self._exact_left()[ci], self._exact_right()[cj]
+            else:
+                left, right = self._exact_left(ci), self._exact_right(cj)
             if not self.exact_compute:
                 recomputed = (left * right).sum(dim=1).add_(cw)
                 safe = self._safe(ci, cj, cw, recomputed)

@@ -29,6 +29,7 @@ from .io.streams import BackgroundSink, prefetch
 from .io.writer import SafetensorsWriter, write_index
 from .options import MergeOptions, Rounding, UnmergeOptions, VerifyOptions
 from .plan import LayerDelta, Plan, build_plan
+from .precision import all_finite
 from .progress import progress_bar
 from .reports import JsonFields, counted
 from .verification import VerifyReport, verify
@@ -217,7 +218,7 @@ def rewrite_tensors(
     def read(shard: Path, info: TensorInfo) -> _Item:
         if info.name in deltas:
             weight = loader.load(info)
-            if not torch.isfinite(weight).all():  # in the reader thread, beside the fold
+            if not all_finite(weight):  # in the reader thread, beside the fold
                 nonfinite.append(info.name)
             return _Item(shard, info, weight, folded=True)
         if info.name in replacements:
