@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -83,7 +85,39 @@ def build_base(out: Path, layers: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def build_adapter(out: Path, shapes: dict[str, tuple[int, ...]], seed: int = 1, rank: int = RANK) -> None:
+@dataclass(frozen=True)
+class Strength:
+    """How strong an adapter is: lambda_b ~ N(0, b), lambda_d ~ d_mean + N(0, d); with `like_weights`, lambda_b is
+    rescaled per layer so that the delta's Frobenius norm equals the weight's (the weights are N(0, 0.02))."""
+
+    b: float
+    d: float
+    d_mean: float = 0.0
+    like_weights: bool = False
+
+    def describe(self) -> str:
+        d = f"{self.d_mean:g} + N(0, {self.d:g})" if self.d_mean else f"N(0, {self.d:g})"
+        scale = ", lambda_b scaled so that the delta's norm is the weight's" if self.like_weights else ""
+        return f"lambda_b ~ N(0, {self.b:g}), lambda_d ~ {d}{scale}"
+
+
+# The adapter the merge benchmark has always used: the delta about 3e-4 of the weights.
+DEFAULT_STRENGTH = Strength(b=0.01, d=0.05, d_mean=0.1)
+STRENGTHS = {
+    "weak": Strength(b=0.01, d=0.1),
+    "medium": Strength(b=0.1, d=0.1),
+    "strong": Strength(b=0.5, d=0.5),
+    "delta = W": Strength(b=1.0, d=0.5, like_weights=True),
+}
+
+
+def build_adapter(
+    out: Path,
+    shapes: dict[str, tuple[int, ...]],
+    seed: int = 1,
+    rank: int = RANK,
+    strength: Strength = DEFAULT_STRENGTH,
+) -> None:
     """An all-linear VeRA adapter as PEFT saves it for a bf16 model (projections rounded to bf16, stored fp32)."""
     modules = [
         n.removesuffix(".weight") for n in shapes if n.endswith(".weight") and n.split(".")[-2] in TARGETS
@@ -91,16 +125,20 @@ def build_adapter(out: Path, shapes: dict[str, tuple[int, ...]], seed: int = 1, 
     max_in = max(shapes[f"{m}.weight"][1] for m in modules)
     max_out = max(shapes[f"{m}.weight"][0] for m in modules)
     vera_A, vera_B = generate_projections(0, rank, max_in, max_out)
-    tensors = {"base_model.vera_A": vera_A.bfloat16().float(), "base_model.vera_B": vera_B.bfloat16().float()}
+    vera_A, vera_B = vera_A.bfloat16().float(), vera_B.bfloat16().float()
+    tensors = {"base_model.vera_A": vera_A, "base_model.vera_B": vera_B}
     generator = torch.Generator().manual_seed(seed)
     for module in modules:
-        out_features = shapes[f"{module}.weight"][0]
-        tensors[f"base_model.model.{module}.vera_lambda_b"] = (
-            torch.randn(out_features, generator=generator) * 0.01
-        )
-        tensors[f"base_model.model.{module}.vera_lambda_d"] = (
-            0.1 + torch.randn(rank, generator=generator) * 0.05
-        )
+        out_features, in_features = shapes[f"{module}.weight"]
+        lambda_b = torch.randn(out_features, generator=generator) * strength.b
+        lambda_d = strength.d_mean + torch.randn(rank, generator=generator) * strength.d
+        if strength.like_weights:
+            delta = (lambda_b[:, None] * vera_B[:out_features]) @ (
+                lambda_d[:, None] * vera_A[:, :in_features]
+            )
+            lambda_b *= 0.02 * math.sqrt(out_features * in_features) / delta.norm().item()
+        tensors[f"base_model.model.{module}.vera_lambda_b"] = lambda_b
+        tensors[f"base_model.model.{module}.vera_lambda_d"] = lambda_d
     out.mkdir(parents=True)
     save_tensors(out / "adapter_model.safetensors", tensors, {"format": "pt"})
     config = {
@@ -124,12 +162,20 @@ def build_adapter(out: Path, shapes: dict[str, tuple[int, ...]], seed: int = 1, 
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
-def ensure(workdir: Path, layers: int) -> tuple[Path, Path]:
-    """The base and adapter for `layers` layers, built if missing."""
-    base, adapter = workdir / f"llama-{layers}L", workdir / f"llama-{layers}L-vera"
-    if not (base / INDEX_NAME).is_file() or not (adapter / "adapter_config.json").is_file():
-        shapes = build_base(base, layers)
-        build_adapter(adapter, shapes)
+def ensure(
+    workdir: Path, layers: int, strength: Strength = DEFAULT_STRENGTH, name: str = ""
+) -> tuple[Path, Path]:
+    """The base and an adapter of `strength` (named `name`, the default adapter when empty), built if missing."""
+    base = workdir / f"llama-{layers}L"
+    adapter = workdir / (
+        f"llama-{layers}L-vera-{name.replace(' ', '').replace('=', '-')}" if name else f"llama-{layers}L-vera"
+    )
+    if not (base / INDEX_NAME).is_file():
+        shutil.rmtree(base, ignore_errors=True)
+        build_base(base, layers)
+    if not (adapter / "adapter_config.json").is_file():
+        shutil.rmtree(adapter, ignore_errors=True)
+        build_adapter(adapter, tensor_shapes(llama_config(layers)), strength=strength)
     return base, adapter
 
 
