@@ -7,8 +7,8 @@ several strengths (benchmarks/make_checkpoint.py), then measures:
 
 - a strength sweep on 8 layers: for each adapter, vera-export and the PEFT path (transformers `from_pretrained`,
   `merge_and_unload`, `save_pretrained`);
-- 22 layers with the weak adapter: both again, and the merge without overlap (the bare read-fold-write loop);
-  peak RSS against 8 layers;
+- 22 layers with the weak adapter: both again, `verify --layers-only` of the merge (every element), and the merge
+  without overlap (the bare read-fold-write loop); peak RSS against 8 layers;
 - with `--load N`, the sweep again with N CPU-bound processes running beside it (started and stopped here);
 - with `--avx2`, the sweep again with torch, MKL and oneDNN restricted to AVX2 (the dispatch of CPUs without
   AVX-512);
@@ -244,6 +244,25 @@ def main() -> None:
         ours(base22, weak22, args.workdir / "out-ours-22", "vera-export, 22 layers"),
         peft(base22, weak22, args.workdir / "out-peft-22", "PEFT path, 22 layers"),
         Candidate(
+            "vera-export verify --layers-only, 22 layers",
+            [
+                sys.executable,
+                "-m",
+                "vera_export",
+                "verify",
+                "--base",
+                str(base22),
+                "--adapter",
+                str(weak22),
+                "--merged",
+                str(args.workdir / "merged-22"),
+                "--layers-only",
+                "--quiet",
+            ],
+            [base22, weak22, args.workdir / "merged-22"],
+            args.workdir / "verify-has-no-output",
+        ),
+        Candidate(
             "vera-export, 22 layers, no overlap (bare loop)",
             [sys.executable, "-c", bare_loop, str(base22), str(weak22), str(args.workdir / "out-bare")],
             [base22, weak22],
@@ -261,6 +280,11 @@ def main() -> None:
         ).stdout.strip()
         candidate.name = f"baseline {commit or args.baseline.name}, weak"
         extra.append(candidate)
+    if not (args.workdir / "merged-22" / "config.json").is_file():  # what the verify candidate checks
+        shutil.rmtree(args.workdir / "merged-22", ignore_errors=True)
+        subprocess.run(
+            [*deep[0].command[:-3], "--output", str(args.workdir / "merged-22"), "--quiet"], check=True
+        )
     quiet_candidates = [c for _, a, b in pairs for c in (a, b)] + deep + extra
     measure(quiet_candidates, args.rounds, "quiet")
     gemm, copy, start = floor(args.workdir)
@@ -319,7 +343,8 @@ def main() -> None:
         f"- wall, vera-export / PEFT path: {deep[0].best / deep[1].best:.2f}",
         f"- peak RSS, vera-export / PEFT path: {min(deep[0].rss) / min(deep[1].rss):.2f}",
         f"- peak RSS, 22 layers / 8 layers: {min(deep[0].rss) / min(pairs[0][1].rss):.2f}",
-        f"- wall, overlapped / bare loop: {deep[0].best / deep[2].best:.2f}",
+        f"- wall, verify --layers-only / merge: {deep[2].best / deep[0].best:.2f}",
+        f"- wall, overlapped / bare loop: {deep[0].best / deep[3].best:.2f}",
     ]
     for other in extra:
         lines.append(

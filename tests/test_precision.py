@@ -73,6 +73,12 @@ def test_ulp_is_the_spacing_of_the_dtype(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
+def test_the_ulp_of_infinity_is_infinite_and_of_nan_nan(dtype: torch.dtype) -> None:
+    spacing = ulp(torch.tensor([float("inf"), float("-inf"), float("nan")]), dtype)
+    assert spacing[0] == spacing[1] == math.inf and spacing[2].isnan()
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
 def test_the_ulp_of_zero_is_the_smallest_subnormal(dtype: torch.dtype) -> None:
     zero = torch.zeros(1)
     assert (

@@ -35,16 +35,21 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 
 def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The unit in the last place of `values` (any float tensor) if they were stored in `dtype`, as float64."""
+    """The unit in the last place of `values` (any float tensor) if they were stored in `dtype`, as float64.
+
+    From the bits: a float64's exponent field alone is the power of two at or below it, so the spacing is that
+    times `2**(1 - digits)`, at least the spacing of `dtype`'s subnormals (which is also zero's). Infinity's is
+    infinite, NaN's NaN. Several times faster than `frexp` and `ldexp`, which the verification called per weight.
+    """
     info = torch.finfo(dtype)
     digits = SIGNIFICAND_BITS[dtype]
-    magnitudes = values.double().abs()
-    _, exponent = torch.frexp(magnitudes)
     smallest = math.ldexp(info.tiny, 1 - digits)  # spacing of subnormals, and of zero
-    spacing = torch.ldexp(torch.ones_like(magnitudes), exponent - digits).clamp_min(smallest)
-    return spacing.masked_fill_(
-        magnitudes == 0, smallest
-    )  # frexp(0) has exponent 0, which is no spacing at all
+    magnitudes = values.double().abs()
+    power = (magnitudes.view(torch.int64) & 0x7FF0_0000_0000_0000).view(torch.float64)
+    spacing = power.mul_(2.0 ** (1 - digits)).clamp_min_(smallest)
+    if all_finite(magnitudes):
+        return spacing
+    return torch.where(magnitudes.isnan(), magnitudes, spacing)
 
 
 def gamma(n: int, dtype: torch.dtype) -> float:

@@ -32,7 +32,7 @@ from .io.loader import LazyTensorLoader, same_bytes
 from .io.locations import Kind, locate
 from .options import Rounding, VerifyOptions
 from .plan import LayerDelta, build_plan, pin_projections
-from .precision import compute_dtype, gamma, ulp, unit_roundoff
+from .precision import all_finite, compute_dtype, gamma, ulp, unit_roundoff
 from .progress import progress_bar
 from .reports import JsonFields, counted
 
@@ -151,67 +151,68 @@ def verify(
 def check_layer(
     name: str, base_weight: torch.Tensor, merged_weight: torch.Tensor, deltas: Sequence[LayerDelta]
 ) -> Check:
-    """Compare one merged weight with its base weight plus the adapters' deltas (see the module docstring)."""
+    """Compare one merged weight with its base weight plus the adapters' deltas (see the module docstring).
+
+    Block by block of `ROWS` rows, so that nothing of the weight's size is held in float64.
+    """
     dtype = compute_dtype(base_weight.dtype)
     target = deltas[0].target
-
     # Work in the nn.Linear layout [out, in] whatever the storage layout.
-    def linear(w: torch.Tensor) -> torch.Tensor:
-        w = w.to(dtype)
-        return w.T if target.fan_in_fan_out else w
-
-    W, W_merged = linear(base_weight), linear(merged_weight)
-    # NaN or Inf in the base stay where they are (W + delta is not finite either): there the merged weight must be
-    # the same, and the numbers are compared everywhere else.
-    finite = torch.isfinite(W)
-    same_nonfinite, kept = True, None
-    if not finite.all():
-        base_bad, merged_bad = W[~finite], W_merged[~finite]
-        same_nonfinite = bool(((merged_bad == base_bad) | (merged_bad.isnan() & base_bad.isnan())).all())
-        W, W_merged = W.masked_fill(~finite, 0), W_merged.masked_fill(~finite, 0)
-        kept = finite.all(dim=1)  # the rows (outputs) a probe can check
+    base_rows, merged_rows = (
+        (base_weight.T, merged_weight.T) if target.fan_in_fan_out else (base_weight, merged_weight)
+    )
+    factors = [tuple(f.to(dtype) for f in _linear_factors(delta)) for delta in deltas]
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((PROBES, target.in_features), generator=generator, dtype=torch.float64).to(dtype)
-    expected = x @ W.T
-    factors = [_linear_factors(delta) for delta in deltas]
-    for scaled_B, scaled_A in factors:
-        expected += (x @ scaled_A.T.to(dtype)) @ scaled_B.T.to(dtype)
-    error = (x @ W_merged.T - expected).abs()
-    if kept is not None:
-        error = error * kept  # rows with a non-finite weight: their elements are checked one by one below
-    spacing = ulp(W_merged, merged_weight.dtype)
-    tolerance = (SIGMAS * spacing.square().sum(dim=1).sqrt()).expand_as(error)
-    worst = (error / tolerance).argmax()
-    probe_ratio = (error / tolerance).flatten()[worst].item()
-    row_ratio = max(
-        (
-            _rows_ratio(
-                W[start : start + ROWS],
-                W_merged[start : start + ROWS],
-                spacing[start : start + ROWS],
-                factors,
-                start,
-                finite[start : start + ROWS],
-            )
-            for start in range(0, target.out_features, ROWS)
-        ),
-        default=0.0,
-    )
+    projected = [x @ scaled_A.T for _, scaled_A in factors]
+    probe_ratio = row_ratio = max_abs = worst_tolerance = 0.0
+    scale, nonfinite, same_nonfinite = 0.0, 0, True
+    for start in range(0, target.out_features, ROWS):
+        W = base_rows[start : start + ROWS].to(dtype, memory_format=torch.contiguous_format)
+        W_merged = merged_rows[start : start + ROWS].to(dtype, memory_format=torch.contiguous_format)
+        # NaN or Inf in the base stay where they are (W + delta is not finite either): there the merged weight
+        # must be the same, and the numbers are compared everywhere else.
+        finite = None
+        if not all_finite(W):
+            finite = torch.isfinite(W)
+            base_bad, merged_bad = W[~finite], W_merged[~finite]
+            same_nonfinite &= bool(((merged_bad == base_bad) | (merged_bad.isnan() & base_bad.isnan())).all())
+            nonfinite += int((~finite).sum())
+            W, W_merged = W.masked_fill(~finite, 0), W_merged.masked_fill(~finite, 0)
+        expected = x @ W.T
+        for (scaled_B, _), px in zip(factors, projected):
+            expected += px @ scaled_B[start : start + ROWS].T
+        error = (x @ W_merged.T - expected).abs()
+        if finite is not None:
+            error *= finite.all(dim=1)  # rows with a non-finite weight: their elements are checked one by one
+        spacing = ulp(W_merged, merged_weight.dtype)
+        tolerance = SIGMAS * spacing.square().sum(dim=1).sqrt()
+        ratios = error / tolerance
+        worst = int(ratios.argmax())  # NaN counts as the largest
+        ratio = _failing_nan(ratios.flatten()[worst].item())
+        if ratio >= probe_ratio:
+            probe_ratio, worst_tolerance = ratio, tolerance[worst % len(W)].item()
+        max_abs = max(max_abs, _failing_nan(error.max().item()))
+        scale = max(scale, expected.abs().max().item())
+        row_ratio = max(row_ratio, _failing_nan(_rows_ratio(W, W_merged, spacing, factors, start, finite)))
 
-    max_abs = error.max().item()
-    scale = expected.abs().max().item() or 1.0
     detail = f"probes at {probe_ratio:.2g} of their tolerance, elements at {row_ratio:.2g} of theirs"
-    if kept is not None:
+    if nonfinite:
         where = "the same" if same_nonfinite else "NOT the same"
-        detail += f"; {int((~finite).sum())} NaN or Inf elements of the base, {where} in the merged weight"
+        detail += f"; {nonfinite} NaN or Inf elements of the base, {where} in the merged weight"
     return Check(
         name=f"layer {target.module}",
         max_abs_error=max_abs,
-        max_rel_error=max_abs / scale,
-        tolerance=tolerance.flatten()[worst].item(),
+        max_rel_error=max_abs / (scale or 1.0),
+        tolerance=worst_tolerance,
         passed=probe_ratio <= 1.0 and row_ratio <= 1.0 and same_nonfinite,
         detail=detail,
     )
+
+
+def _failing_nan(value: float) -> float:
+    """NaN as infinity, so that `max` and `<= 1` treat a NaN error as the failure it is."""
+    return math.inf if math.isnan(value) else value
 
 
 def _rows_ratio(
@@ -220,31 +221,37 @@ def _rows_ratio(
     spacing: torch.Tensor,
     factors: list[tuple[torch.Tensor, torch.Tensor]],
     start: int,
-    compared: torch.Tensor,
+    compared: torch.Tensor | None,
 ) -> float:
     """The worst element of a block of rows of `W'` against `W + delta_W`, in units of its tolerance, over the
-    elements `compared` says.
+    elements `compared` says (all when None).
 
-    `W + delta_W` is computed in `W`'s dtype, the fold's precision (float32 for 16-bit weights). A merge may round
-    the sum once, and may compute the delta in float32 first (PEFT does): an element may be off by its ulp plus
-    the float32 error bound of the sum's terms, which also covers this computation's own error. That bound is only
-    worked out for the elements more than an ulp off, which are few in a correct merge.
+    `W + delta_W` is computed in `W`'s dtype, the fold's precision (float32 for 16-bit weights), from factors in
+    that dtype. A merge may round the sum once, and may compute the delta in float32 first (PEFT does): an element
+    may be off by its ulp plus the float32 error bound of the sum's terms, which also covers this computation's own
+    error. That bound is only worked out for the elements more than an ulp off, which are few in a correct merge.
+    The difference of two values within a few ulps of each other is exact in their dtype (Sterbenz).
     """
     stop = start + len(W)
     exact = W.clone()
     for scaled_B, scaled_A in factors:
-        exact.addmm_(scaled_B[start:stop].to(W.dtype), scaled_A.to(W.dtype))
-    difference = (W_merged.double() - exact.double()).abs().masked_fill_(~compared, 0)
-    over = difference > spacing
-    if not over.any():
-        return (difference / spacing).max().item() if difference.numel() else 0.0
+        exact.addmm_(scaled_B[start:stop], scaled_A)
+    difference = (W_merged - exact).abs_().double()
+    if compared is not None:
+        difference.masked_fill_(~compared, 0)
+    if not difference.numel():
+        return 0.0
+    ratios = difference / spacing
+    worst = ratios.max().item()
+    if worst <= 1.0:
+        return worst
     terms = sum(scaled_A.shape[0] for _, scaled_A in factors)
-    i, j = over.nonzero().unbind(1)
+    i, j = (~(ratios <= 1.0)).nonzero().unbind(1)  # NaN included
     if len(i) > _GATHERED:  # a wrong merge: the bound for the whole block at once
         magnitude = sum(B[start:stop].abs() @ A.abs() for B, A in factors)[i, j]
     else:
         magnitude = sum((B[start:stop][i].abs() * A[:, j].T.abs()).sum(dim=1) for B, A in factors)
-    bound = gamma(terms + 2, torch.float32) * (magnitude + W[i, j].double().abs())
+    bound = gamma(terms + 2, torch.float32) * (magnitude.double() + W[i, j].double().abs())
     return (difference[i, j] / (spacing[i, j] + bound)).max().item()
 
 
@@ -302,11 +309,23 @@ def _check_replacement(name: str, trained: torch.Tensor, merged: torch.Tensor) -
 def _fits_in_memory(index: ShardedTensorIndex) -> bool:
     params = sum(math.prod(info.shape) for info in index.tensors.values())
     needed = 2 * params * 8  # two models, float64 at worst
+    available = available_memory()
+    return available is not None and needed < 0.5 * available
+
+
+def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Bytes the system can give without swapping: MemAvailable, which counts the page cache it can drop (the
+    checkpoint just read is in it), else the free pages; None when neither is known."""
     try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return False
-    return needed < 0.5 * available
+        return None
 
 
 def model_inputs(vocab_size: int) -> list[dict[str, torch.Tensor]]:
