@@ -7,6 +7,7 @@ import json
 import signal
 import warnings
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from fixtures.build import ADAPTERS, BASES
 from vera_export.cli import main
+from vera_export.fold import VeraDelta
+from vera_export.precision import ulp
 
 
 def base_dir(root: Path, adapter: str) -> Path:
@@ -143,3 +146,77 @@ def pickle_adapter(adapter: Path) -> None:
     tensors = load_file(adapter / "adapter_model.safetensors")
     (adapter / "adapter_model.safetensors").unlink()
     torch.save(tensors, adapter / "adapter_model.bin")
+
+
+def hub_cache(cache: Path, repo_id: str, source: Path, commit: str = "a" * 40, main: bool = True) -> Path:
+    """Lay `source`'s files out as huggingface_hub caches repository `repo_id` at `commit` under `cache`:
+    content-addressed blobs, a snapshot of relative symlinks into them, and `refs/main` (when `main`)."""
+    import hashlib
+    import os
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True)
+    for file in sorted(source.iterdir()):
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(os.path.join("..", "..", "blobs", blob.name), snapshot / file.name)
+    if main:
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+    return repo
+
+
+# --- the fold against exact arithmetic ---------------------------------------------------------------------
+
+
+def exact_fold(
+    weight: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]]
+) -> list[list[Fraction]]:
+    """`weight + sum(left @ right)` in exact rational arithmetic."""
+    rows, cols = weight.shape
+    exact = [[Fraction(float(weight[i, j])) for j in range(cols)] for i in range(rows)]
+    for left, right in factors:
+        left_f = [[Fraction(float(v)) for v in row] for row in left.double().tolist()]
+        right_f = [[Fraction(float(v)) for v in row] for row in right.double().tolist()]
+        for i in range(rows):
+            for j in range(cols):
+                exact[i][j] += sum(left_f[i][k] * right_f[k][j] for k in range(len(right_f)))
+    return exact
+
+
+def ulp_errors(result: torch.Tensor, exact: list[list[Fraction]]) -> torch.Tensor:
+    """|result - exact| in units of the result's ulp, element by element."""
+    spacing = ulp(result, result.dtype)
+    errors = [
+        [
+            float(abs(Fraction(float(result[i, j])) - exact[i][j]) / Fraction(float(spacing[i, j])))
+            for j in range(result.shape[1])
+        ]
+        for i in range(result.shape[0])
+    ]
+    return torch.tensor(errors)
+
+
+def random_delta(rows: int, cols: int, r: int, fan_in_fan_out: bool, seed: int = 0) -> VeraDelta:
+    g = torch.Generator().manual_seed(seed)
+    in_features, out_features = (rows, cols) if fan_in_fan_out else (cols, rows)
+    lambda_b = torch.randn(out_features, generator=g) * 0.1
+    lambda_d = torch.randn(r, generator=g) * 0.5
+    vera_A = torch.rand(r, in_features + 3, generator=g) - 0.5  # wider than the layer: sliced, as in PEFT
+    vera_B = torch.rand(out_features + 5, r, generator=g) - 0.5
+    return VeraDelta(lambda_b, lambda_d, vera_A, vera_B, in_features, out_features, fan_in_fan_out)
+
+
+def cancelling_weight(
+    dtype: torch.dtype, left: torch.Tensor, right: torch.Tensor, seed: int = 0
+) -> torch.Tensor:
+    """A weight where a quarter of the elements are -delta rounded to `dtype`: near-total cancellation."""
+    g = torch.Generator().manual_seed(seed)
+    delta = left.double() @ right.double()
+    weight = (torch.randn(delta.shape, generator=g, dtype=torch.float64) * delta.abs().mean()).to(dtype)
+    mask = torch.rand(delta.shape, generator=g) < 0.25
+    weight[mask] = (-delta).to(dtype)[mask]
+    return weight

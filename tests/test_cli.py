@@ -278,3 +278,26 @@ def test_every_flag_has_help_and_choices_are_shown() -> None:
                 assert param.help, (name, param.name)
     mode = next(p for p in main.commands["onnx"].params if p.name == "mode")
     assert tuple(mode.type.choices) == ONNX_MODES
+
+
+def test_ctrl_c_while_the_cli_imports_is_one_line_and_exit_130(monkeypatch, capsys) -> None:
+    """The first second of a run is spent importing; an interrupt there is no traceback either."""
+    import importlib.abc
+
+    from vera_export.__main__ import run
+
+    class Interrupting(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "vera_export.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "vera_export.cli")
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    with pytest.raises(SystemExit) as caught:
+        run()
+    assert caught.value.code == 130
+    assert (
+        capsys.readouterr().err
+        == "error: stopped by SIGINT before the command started; nothing was written\n"
+    )

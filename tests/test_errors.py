@@ -7,7 +7,7 @@ import pytest
 
 import vera_export
 from vera_export import errors
-from vera_export.errors import VeraExportError, VeraExportWarning, listing
+from vera_export.errors import VeraExportError, VeraExportWarning, counted, listing
 
 ERRORS = [
     cls
@@ -16,12 +16,13 @@ ERRORS = [
 ]
 
 
-def test_the_module_defines_the_four_kinds_of_error() -> None:
+def test_the_module_defines_the_five_kinds_of_error() -> None:
     assert sorted(cls.__name__ for cls in ERRORS) == [
         "AdapterError",
         "CheckpointError",
         "IncompatibleAdapterError",
         "OutputError",
+        "SetupError",
     ]
 
 
@@ -50,3 +51,18 @@ def test_the_warning_is_a_user_warning_and_not_an_error() -> None:
 )
 def test_listing_is_bounded(items: list[str], limit: int, expected: str) -> None:
     assert listing(items, limit) == expected
+
+
+@pytest.mark.parametrize(
+    ("n", "noun", "plural", "expected"),
+    [
+        (0, "adapter", None, "0 adapters"),
+        (1, "adapter", None, "1 adapter"),
+        (2, "adapter", None, "2 adapters"),
+        (1, "overridable tensor", None, "1 overridable tensor"),
+        (3, "matrix", "matrices", "3 matrices"),
+        (1, "matrix", "matrices", "1 matrix"),
+    ],
+)
+def test_counted(n: int, noun: str, plural: str | None, expected: str) -> None:
+    assert counted(n, noun, plural) == expected

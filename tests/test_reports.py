@@ -11,6 +11,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
+from vera_export.checks import Check
 from vera_export.errors import CheckpointError
 from vera_export.options import Rounding
 from vera_export.reports import (
@@ -19,12 +20,12 @@ from vera_export.reports import (
     EXIT_FAILED,
     EXIT_OK,
     JsonFields,
-    counted,
+    duration,
     envelope,
     message,
     to_json,
 )
-from vera_export.verification import Check, VerifyReport
+from vera_export.verification import VerifyReport
 
 
 @dataclass
@@ -145,21 +146,6 @@ def test_message_is_one_line() -> None:
     assert message(RuntimeError()) == "RuntimeError"
 
 
-@pytest.mark.parametrize(
-    ("n", "noun", "plural", "expected"),
-    [
-        (0, "adapter", None, "0 adapters"),
-        (1, "adapter", None, "1 adapter"),
-        (2, "adapter", None, "2 adapters"),
-        (1, "overridable tensor", None, "1 overridable tensor"),
-        (3, "matrix", "matrices", "3 matrices"),
-        (1, "matrix", "matrices", "1 matrix"),
-    ],
-)
-def test_counted(n: int, noun: str, plural: str | None, expected: str) -> None:
-    assert counted(n, noun, plural) == expected
-
-
 def test_every_report_class_renders_as_json() -> None:
     """The reports the commands return, with their fields at defaults: `to_json` handles every field type."""
     from vera_export.embed import EmbedReport
@@ -177,3 +163,10 @@ def test_every_report_class_renders_as_json() -> None:
         json.dumps(data, allow_nan=False)
         shown = {f.name for f in dataclasses.fields(report) if f.repr}
         assert shown | set(getattr(report, "json_properties", ())) == data.keys(), type(report).__name__
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(0.0, "0 ms"), (0.042, "42 ms"), (0.1, "0.1 s"), (12.34, "12.3 s")]
+)
+def test_duration(seconds: float, text: str) -> None:
+    assert duration(seconds) == text

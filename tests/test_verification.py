@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import warnings
 
@@ -122,17 +121,3 @@ def test_verify_catches_wrong_replaced_tensor_and_structure(fixture_root, tmp_pa
     _corrupt(tmp_path / "bad" / "model.safetensors", "classifier.bias", lambda b: b.half())
     report = verify(base, [adapter], tmp_path / "bad", LAYERS)
     assert not report.passed and "classifier.bias" in report.checks[0].detail
-
-
-def test_available_memory_counts_the_page_cache(tmp_path) -> None:
-    """MemAvailable, not the free pages: right after reading a checkpoint most memory is page cache, and a
-    model check that fits must not be skipped for it."""
-    from vera_export.verification import available_memory
-
-    meminfo = tmp_path / "meminfo"
-    meminfo.write_text(
-        "MemTotal:       24000000 kB\nMemFree:          300000 kB\nMemAvailable:   20000000 kB\n"
-    )
-    assert available_memory(meminfo) == 20000000 * 1024
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    assert 0 < available_memory(tmp_path / "absent") <= free * 2  # no meminfo: the free pages

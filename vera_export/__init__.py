@@ -16,6 +16,7 @@ from .errors import (
     CheckpointError,
     IncompatibleAdapterError,
     OutputError,
+    SetupError,
     VeraExportError,
     VeraExportWarning,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "OnnxReport",
     "OutputError",
     "Rounding",
+    "SetupError",
     "ToLoraOptions",
     "UnmergeOptions",
     "VeraAdapter",

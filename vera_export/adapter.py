@@ -98,7 +98,7 @@ def load_adapter(path: str | Path | VeraAdapter, allow_pickle: bool = False) -> 
     """
     if isinstance(path, VeraAdapter):
         return path
-    path = locate(path, Kind.ADAPTER)
+    path = locate(path, Kind.ADAPTER, allow_pickle)
     raw_config = read_config(path / CONFIG_NAME)
     config = VeraConfig.from_raw(path / CONFIG_NAME, raw_config)
     weights_file, tensors = read_adapter_tensors(path, allow_pickle)

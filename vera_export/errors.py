@@ -25,6 +25,10 @@ class OutputError(VeraExportError, ValueError):
     """The requested output location cannot be used safely."""
 
 
+class SetupError(VeraExportError, ValueError):
+    """This machine or installation cannot do what was asked: a device it lacks, an optional extra not installed."""
+
+
 class VeraExportWarning(UserWarning):
     """Something the user should know that does not stop the work (the CLI prints it as one line)."""
 
@@ -33,6 +37,11 @@ class VeraExportWarning(UserWarning):
 MAX_LINE = 2000
 # A value quoted in a message (a config field, a tensor name from a header) is cut to this many characters.
 MAX_QUOTED = 120
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 adapter`, `2 adapters`."""
+    return f"{n} {noun if n == 1 else (plural or noun + 's')}"
 
 
 def listing(items: list[str], limit: int = 10) -> str:

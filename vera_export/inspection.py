@@ -8,12 +8,14 @@ from pathlib import Path
 import torch
 
 from .adapter import VeraAdapter, load_adapter
-from .errors import VeraExportError
+from .config import CONFIG_NAME
+from .errors import VeraExportError, counted
 from .io.index import ShardedTensorIndex
 from .io.locations import Kind, locate
 from .options import InspectOptions, Rounding
 from .plan import build_plan
 from .projections import generate_projections
+from .provenance import Record, describe, read_record, same_adapter
 from .reports import JsonFields
 from .targets import incompatibilities, linear_weights, match_layers, untrained_targets
 
@@ -64,6 +66,7 @@ class InspectReport(JsonFields):
         layers: Its adapted layers.
         projections: Where its projections come from.
         base: The base it was checked against, if any.
+        base_record: That base's provenance record, when it is a vera-export merge (see `provenance`).
         problems: Every reason it does not fit that base.
         warnings: Things worth knowing.
     """
@@ -83,6 +86,7 @@ class InspectReport(JsonFields):
     layers: list[LayerSummary]
     projections: ProjectionSummary
     base: Path | None = None
+    base_record: dict | None = None
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     command = "inspect"
@@ -118,8 +122,12 @@ class InspectReport(JsonFields):
                 shape = f" weight {layer.weight_shape}{layout}"
             lines.append(f"  {layer.module}: lambda_b {layer.lambda_b}, lambda_d {layer.lambda_d}{shape}")
         if self.base is not None:
-            verdict = "fits" if self.compatible else f"does NOT fit ({len(self.problems)} problems)"
+            verdict = (
+                "fits" if self.compatible else f"does NOT fit ({counted(len(self.problems), 'problem')})"
+            )
             lines.append(f"base        {self.base}: {verdict}")
+            if self.base_record is not None:
+                lines.append(f"  record: {Record.from_json(self.base_record).summary()}")
         lines += [f"  problem: {p}" for p in self.problems]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -205,6 +213,24 @@ def _regeneration_match(adapter: VeraAdapter) -> str | None:
     return None
 
 
+def _base_record(report: InspectReport, adapter: VeraAdapter, index: ShardedTensorIndex) -> None:
+    """The base's record, and a problem when it says this adapter is merged in already (merge would refuse)."""
+    try:
+        record = read_record(index.root, index.metadata(index.shards[0]) if index.shards else None)
+    except VeraExportError as exc:
+        report.warnings.append(str(exc))
+        return
+    if record is None:
+        return
+    report.base_record = record.to_json()
+    if adapter.weights_file is not None:
+        this = describe(adapter.path, [CONFIG_NAME, adapter.weights_file.name])
+        if any(same_adapter(this, r) for r in record.adapters):
+            report.problems.append(
+                f"{index.root} records this adapter as merged in already; merge refuses it (--ignore-record)"
+            )
+
+
 def _against_base(report: InspectReport, adapter: VeraAdapter, location: str | Path) -> None:
     report.base = Path(location)
     try:
@@ -212,6 +238,7 @@ def _against_base(report: InspectReport, adapter: VeraAdapter, location: str | P
     except VeraExportError as exc:
         report.problems.append(str(exc))
         return
+    _base_record(report, adapter, index)
     shapes = {name: info.shape for name, info in index.tensors.items()}
     report.problems.extend(incompatibilities(adapter, shapes))
     linear = linear_weights(shapes)

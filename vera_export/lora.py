@@ -39,7 +39,7 @@ from .io.writer import save_tensors
 from .options import LORA_DTYPES, ToLoraOptions
 from .plan import LayerDelta, build_plan
 from .progress import progress_bar
-from .reports import JsonFields
+from .reports import JsonFields, duration
 
 DTYPES = {name: getattr(torch, name) for name in LORA_DTYPES}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -108,7 +108,7 @@ class LoraReport(JsonFields):
         """What `vera-export to-lora` prints."""
         lines = [
             f"wrote a rank-{self.rank} {self.dtype} LoRA adapter for {len(self.layers)} layers to {self.output} "
-            f"({self.seconds:.1f} s)"
+            f"({duration(self.seconds)})"
         ]
         if self.exact:
             lines.append(

@@ -3,7 +3,8 @@
 Peak memory is a few weights, their factors and two block buffers: a model of any size merges on a small
 machine. The next weight is read and the previous one written while the current one folds. Each output shard has
 the same tensors, order, dtypes and shapes as its input shard; untouched tensors are copied byte for byte, and
-every other file of the model directory travels along.
+every other file of the model directory travels along. The output carries a provenance record and a model card
+(see `provenance`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 import torch
 
 from .adapter import VeraAdapter, load_adapter
-from .errors import CheckpointError, IncompatibleAdapterError, listing
+from .config import CONFIG_NAME
+from .errors import CheckpointError, IncompatibleAdapterError, SetupError, counted, listing
 from .fold import fold
 from .io.header import TensorInfo
 from .io.index import INDEX_NAME, ShardedTensorIndex
@@ -31,7 +33,16 @@ from .options import MergeOptions, Rounding, UnmergeOptions, VerifyOptions
 from .plan import LayerDelta, Plan, build_plan
 from .precision import all_finite
 from .progress import progress_bar
-from .reports import JsonFields, counted
+from .provenance import (
+    METADATA_KEY,
+    BaseDigests,
+    Record,
+    describe,
+    next_record,
+    read_record,
+    write_record,
+)
+from .reports import JsonFields, duration
 from .verification import VerifyReport, verify
 
 
@@ -49,6 +60,8 @@ class MergeReport(JsonFields):
         bytes_written: Tensor bytes written.
         seconds: Wall time.
         verification: `verify`'s report on the output, with `MergeOptions.verify`.
+        record: The provenance record written with the output (see `provenance`); None when unmerging a
+            checkpoint that carries none.
         warnings: Things the user should know.
     """
 
@@ -61,6 +74,7 @@ class MergeReport(JsonFields):
     bytes_written: int = 0
     seconds: float = 0.0
     verification: VerifyReport | None = None
+    record: dict | None = None
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -72,12 +86,12 @@ class MergeReport(JsonFields):
         if self.command == "merge":
             line = (
                 f"merged {adapters} into {self.output}: {counted(len(self.folded), 'weight')} folded, "
-                f"{counted(len(self.replaced), 'tensor')} replaced, {self.copied} copied ({self.seconds:.1f} s)"
+                f"{counted(len(self.replaced), 'tensor')} replaced, {self.copied} copied ({duration(self.seconds)})"
             )
         else:
             line = (
                 f"unmerged {adapters} into {self.output}: {counted(len(self.folded), 'weight')} restored "
-                f"({self.seconds:.1f} s)"
+                f"({duration(self.seconds)})"
             )
         if self.verification is None:
             return line
@@ -104,11 +118,12 @@ def merge(
     Returns:
         The report; with `options.verify`, `report.ok` is the verdict of the verification that ran on it.
     """
+    device = fold_device(options.device)
     base = locate(base, Kind.BASE)
     loaded = [load_adapter(a, options.allow_pickle) for a in adapters]
     report = _rewrite(
-        "merge", base, loaded, Path(output), 1.0, options.device, options.block_rows, options.overlap,
-        options.force, options.fsync, options.rounding, options.progress,
+        "merge", base, loaded, Path(output), 1.0, device, options.block_rows, options.overlap,
+        options.force, options.fsync, options.rounding, options.progress, options.ignore_record,
     )  # fmt: skip
     if options.verify:
         verify_options = VerifyOptions(
@@ -117,6 +132,27 @@ def merge(
         report.verification = verify(base, loaded, report.output, verify_options)
         report.warnings.extend(report.verification.warnings)
     return report
+
+
+def fold_device(device: str) -> str:
+    """`device` if this machine and this torch can fold there; else one line saying what to do instead.
+
+    Raises:
+        SetupError: A CUDA device that torch was built without, or that this machine does not have.
+    """
+    if not device.startswith("cuda"):
+        return device
+    if not torch.cuda.is_available():
+        built = "was built without CUDA" if torch.version.cuda is None else "finds no CUDA device"
+        raise SetupError(
+            f"--device {device}: torch {torch.__version__} {built}; fold on the CPU (--device cpu, the default)"
+        )
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise SetupError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+        )
+    return device
 
 
 def unmerge(
@@ -130,11 +166,12 @@ def unmerge(
     Tensors the merge replaced (trained biases, `modules_to_save`) cannot be recovered from the merged checkpoint;
     they are copied as they are and listed in the report's warnings.
     """
+    device = fold_device(options.device)
     merged = locate(merged, Kind.MERGED)
     loaded = [load_adapter(a, options.allow_pickle) for a in adapters]
     return _rewrite(
-        "unmerge", merged, loaded, Path(output), -1.0, options.device, options.block_rows, options.overlap,
-        options.force, options.fsync, options.rounding, options.progress,
+        "unmerge", merged, loaded, Path(output), -1.0, device, options.block_rows, options.overlap,
+        options.force, options.fsync, options.rounding, options.progress, options.ignore_record,
     )  # fmt: skip
 
 
@@ -151,9 +188,11 @@ def _rewrite(
     fsync: bool,
     rounding: Rounding,
     progress: bool,
+    ignore_record: bool,
 ) -> MergeReport:
     started = time.perf_counter()
     index = ShardedTensorIndex.from_dir(source)
+    carried = read_record(source, index.metadata(index.shards[0]) if index.shards else None)
     has_config = read_model_config(source) is not None  # the output must load with from_pretrained
     plan = build_plan(adapters, index.tensors, rounding)
     plan.check_foldable(index.tensors)
@@ -168,19 +207,35 @@ def _rewrite(
             f"be recovered from the merged checkpoint; they are kept as merged: {', '.join(sorted(plan.replacements))}"
         )
     replacements = plan.replacements if alpha > 0 else {}
+    described = [describe(a.path, [CONFIG_NAME, a.weights_file.name]) for a in adapters if a.weights_file]
+    record = None
+    if alpha > 0 or carried is not None:
+        record = next_record(source, carried, described, alpha, ignore_record)
+    else:
+        report.warnings.append(
+            f"{source} carries no vera-export record: which adapters it holds could not be checked, and the "
+            f"output gets no record"
+        )
     side = side_files(source, index.shards)  # every file checked before the first byte is written
     report.warnings.extend(side.warnings())
     label = "merging" if alpha > 0 else "unmerging"
     total = sum(info.nbytes for info in index.tensors.values())
     with staged_output(output, [source, *(a.path for a in adapters)], force, fsync) as staging:
+        # The base's own files are hashed beside the merge, unless its record already has them.
+        digests = BaseDigests(source, index.shards) if record is not None and carried is None else None
         with progress_bar(total, label, progress) as advance:
             rewrite_tensors(
                 index, plan.deltas, replacements, staging, alpha, torch.device(device), block_rows, fsync,
-                overlap, report, advance,
+                overlap, report, advance, record,
             )  # fmt: skip
         if index.is_sharded:
             write_index(staging / INDEX_NAME, index.weight_map, index.index_metadata or {}, fsync)
         side.copy(staging)
+        if record is not None:
+            if digests is not None:
+                record.base["sha256"] = digests.join()
+            write_record(staging, record, source)
+            report.record = record.to_json()
     report.seconds = time.perf_counter() - started
     return report
 
@@ -207,10 +262,12 @@ def rewrite_tensors(
     overlap: bool,
     report: MergeReport,
     advance: Callable[[int], None],
+    record: Record | None = None,
 ) -> None:
     """Write every shard of `index` into `staging`, folding `deltas` (scaled by alpha) and swapping in `replacements`.
 
-    With `overlap`, the next weight is read and the previous one written while the current one folds.
+    With `overlap`, the next weight is read and the previous one written while the current one folds. With a
+    `record`, each shard's metadata carries it (`Record.metadata`).
     """
 
     nonfinite: list[str] = []
@@ -237,7 +294,10 @@ def rewrite_tensors(
                 raise CheckpointError(f"{name}: the merge {exc}; check the adapter's lambdas") from None
         return item
 
-    with LazyTensorLoader(index) as loader, _ShardWriter(index, staging, fsync, report, advance) as writer:
+    with (
+        LazyTensorLoader(index) as loader,
+        _ShardWriter(index, staging, fsync, report, advance, record) as writer,
+    ):
         items = (read(shard, info) for shard in index.shards for info in index.shard_tensors(shard))
         if not overlap:
             for item in items:
@@ -283,6 +343,7 @@ class _ShardWriter:
         fsync: bool,
         report: MergeReport,
         advance: Callable[[int], None],
+        record: Record | None = None,
     ) -> None:
         self.index, self.staging, self.fsync, self.report, self.advance = (
             index,
@@ -291,6 +352,7 @@ class _ShardWriter:
             report,
             advance,
         )
+        self.record = None if record is None else record.metadata()
         self.pending = list(index.shards)
         self.shard: Path | None = None
         self.writer: SafetensorsWriter | None = None
@@ -314,6 +376,9 @@ class _ShardWriter:
         shard = self.pending.pop(0)
         entries = [(info.name, info.dtype, info.shape) for info in self.index.shard_tensors(shard)]
         metadata = {**self.index.metadata(shard), "format": "pt"}
+        metadata.pop(METADATA_KEY, None)  # a merged base's record: the new one replaces it
+        if self.record is not None:
+            metadata[METADATA_KEY] = self.record
         path = self.staging / self.index.shard_name(shard)  # shards may sit in subdirectories
         path.parent.mkdir(parents=True, exist_ok=True)
         self.shard, self.writer = shard, SafetensorsWriter(path, entries, metadata, self.fsync)

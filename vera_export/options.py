@@ -104,6 +104,21 @@ def _device() -> Any:
     return flag("cpu", "Where the fold runs, e.g. cuda (reading and writing stay on the CPU).")
 
 
+def check_device(device: str) -> None:
+    """`device` names a place the fold can run: `cpu`, `cuda` or `cuda:N` (whether it is there is checked when
+    the command runs, see `merging.fold_device`)."""
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (not index.isdigit() or kind == "cpu")):
+        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+
+
+def _ignore_record() -> Any:
+    return flag(
+        False,
+        "Merge an adapter the base's vera-export record lists as merged in already, or unmerge one it does not list.",
+    )
+
+
 def _block_rows() -> Any:
     return flag(512, "Rows of a weight folded at a time; bounds the fold's scratch memory.", None)
 
@@ -123,6 +138,8 @@ class MergeOptions:
         fsync: Flush the output to disk before putting it in place, so it survives a power loss too.
         allow_pickle: Read `adapter_model.bin` with `torch.load(weights_only=True)` when there is no safetensors.
         rounding: Which CPU kernel's float rounding to reproduce when regenerating projections.
+        ignore_record: Merge an adapter the base's record lists already (it would be folded in twice), or, when
+            unmerging, subtract one the record does not list.
         progress: Show a progress bar on stderr.
         block_rows: Rows of a weight folded at a time; bounds the fold's scratch memory.
         overlap: Read the next tensor and write the previous one while the current one folds.
@@ -136,9 +153,13 @@ class MergeOptions:
     fsync: bool = _fsync()
     allow_pickle: bool = _allow_pickle()
     rounding: Rounding = _rounding()
+    ignore_record: bool = _ignore_record()
     progress: bool = _progress()
     block_rows: int = _block_rows()
     overlap: bool = _overlap()
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -150,9 +171,13 @@ class UnmergeOptions:
     fsync: bool = _fsync()
     allow_pickle: bool = _allow_pickle()
     rounding: Rounding = _rounding()
+    ignore_record: bool = _ignore_record()
     progress: bool = _progress()
     block_rows: int = _block_rows()
     overlap: bool = _overlap()
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
 
 
 @dataclass(frozen=True)

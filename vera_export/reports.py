@@ -120,6 +120,6 @@ def message(error: BaseException) -> str:
     return one_line(str(error) or type(error).__name__)
 
 
-def counted(n: int, noun: str, plural: str | None = None) -> str:
-    """`1 adapter`, `2 adapters`."""
-    return f"{n} {noun if n == 1 else (plural or noun + 's')}"
+def duration(seconds: float) -> str:
+    """`12.3 s`, or `40 ms` below a tenth of a second (where `0.0 s` would say nothing)."""
+    return f"{seconds:.1f} s" if seconds >= 0.1 else f"{seconds * 1000:.0f} ms"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import regex
 
 from .adapter import VeraAdapter, VeraConfig
-from .errors import AdapterError, IncompatibleAdapterError, quoted
+from .errors import AdapterError, IncompatibleAdapterError, counted, quoted
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,8 @@ def match_layers(adapter: VeraAdapter, shapes: Mapping[str, tuple[int, ...]]) ->
     problems = incompatibilities(adapter, shapes)
     if problems:
         raise IncompatibleAdapterError(
-            f"{adapter.path}: does not fit the base model ({len(problems)} problems): " + "; ".join(problems)
+            f"{adapter.path}: does not fit the base model ({counted(len(problems), 'problem')}): "
+            + "; ".join(problems)
         )
     linear = linear_weights(shapes)
     return {module: _resolve(adapter, module, linear[module]) for module in adapter.layers}

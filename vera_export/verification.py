@@ -16,53 +16,32 @@ Two kinds of checks, both in the fold's compute precision (float32 for 16-bit we
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .adapter import VeraAdapter, VeraLayer, load_adapter
-from .errors import CheckpointError, listing
+from .adapter import VeraAdapter, load_adapter
+from .checks import Check
+from .config import CONFIG_NAME
+from .errors import CheckpointError, counted, listing
 from .io.index import ShardedTensorIndex
 from .io.loader import LazyTensorLoader, same_bytes
 from .io.locations import Kind, locate
-from .options import Rounding, VerifyOptions
+from .model_check import check_model_outputs, fits_in_memory
+from .options import VerifyOptions
 from .plan import LayerDelta, build_plan, pin_projections
-from .precision import all_finite, compute_dtype, gamma, ulp, unit_roundoff
+from .precision import all_finite, compute_dtype, gamma, ulp
 from .progress import progress_bar
-from .reports import JsonFields, counted
+from .provenance import Record, describe, read_record, same_adapter
+from .reports import JsonFields
 
 PROBES = 4
 SIGMAS = 8.0
 ROWS = 256  # rows of W' compared exactly at a time
 _GATHERED = 4096  # up to this many elements per block, the float32 bound is worked out element by element
-# Relative tolerance of model outputs, in units of the weights' unit roundoff: rounding every weight once moves
-# each logit by a few roundoffs of its scale.
-MODEL_ROUNDOFFS = 16.0
-INPUT_SHAPES = ((2, 7), (1, 16))
-
-
-@dataclass
-class Check:
-    """One comparison: what, how far off, against what tolerance."""
-
-    name: str
-    max_abs_error: float
-    max_rel_error: float
-    tolerance: float
-    passed: bool
-    detail: str = ""
-
-    def line(self) -> str:
-        mark = "ok  " if self.passed else "FAIL"
-        return (
-            f"[{mark}] {self.name}: max abs {self.max_abs_error:.3g}, max rel {self.max_rel_error:.3g}, "
-            f"tolerance {self.tolerance:.3g}{f' ({self.detail})' if self.detail else ''}"
-        )
 
 
 @dataclass
@@ -71,6 +50,7 @@ class VerifyReport(JsonFields):
 
     command: str = field(default="verify", repr=False)
     checks: list[Check] = field(default_factory=list)
+    record: dict | None = None  # the merged checkpoint's provenance record, when it carries one
     warnings: list[str] = field(default_factory=list)
     json_properties = ("passed",)
 
@@ -92,6 +72,8 @@ class VerifyReport(JsonFields):
 
     def text(self, quiet: bool = False) -> str:
         lines = [check.line() for check in self.checks if not quiet or not check.passed]
+        if self.record is not None:
+            lines.append(f"record: {Record.from_json(self.record).summary()}")
         return "\n".join([*lines, self.summary()])
 
 
@@ -117,6 +99,7 @@ def verify(
     full_model = options.full_model
     base_index, merged_index = ShardedTensorIndex.from_dir(base), ShardedTensorIndex.from_dir(merged)
     report = VerifyReport()
+    _read_record(merged, merged_index, loaded, report)
     report.checks.append(_check_structure(base_index, merged_index))
     if not report.checks[0].passed:
         return report
@@ -137,7 +120,7 @@ def verify(
             advance(base_index.tensors[name].nbytes)
         report.checks.append(_check_copied(base_index, merged_index, copied, advance))
     if full_model is None:
-        full_model = _fits_in_memory(base_index)
+        full_model = fits_in_memory(base_index)
         if not full_model:
             report.warnings.append("model outputs not compared: two copies of the model do not fit in memory")
     if full_model:
@@ -145,6 +128,33 @@ def verify(
             check_model_outputs(base, pin_projections(loaded, plan), merged, options.rounding)
         )
     return report
+
+
+def _read_record(
+    merged: Path, index: ShardedTensorIndex, adapters: list[VeraAdapter], report: VerifyReport
+) -> None:
+    """Show the merged checkpoint's record, and warn where it disagrees with the adapters given (the numbers,
+    not the record, decide the verdict)."""
+    try:
+        record = read_record(merged, index.metadata(index.shards[0]) if index.shards else None)
+    except CheckpointError as exc:
+        report.warnings.append(str(exc))
+        return
+    if record is None:
+        return
+    report.record = record.to_json()
+    unlisted = [
+        str(a.path)
+        for a in adapters
+        if a.weights_file is not None
+        and not any(
+            same_adapter(r, describe(a.path, [CONFIG_NAME, a.weights_file.name])) for r in record.adapters
+        )
+    ]
+    if unlisted:
+        report.warnings.append(
+            f"{merged}: its vera-export record does not list {listing(unlisted)} among the adapters merged in"
+        )
 
 
 @torch.no_grad()
@@ -303,110 +313,4 @@ def _check_replacement(name: str, trained: torch.Tensor, merged: torch.Tensor) -
     error = (merged.double() - expected.double()).abs().max().item() if merged.numel() else 0.0
     return Check(
         f"replaced {name}", error, error / (expected.double().abs().max().item() or 1.0), 0.0, error == 0.0
-    )
-
-
-def _fits_in_memory(index: ShardedTensorIndex) -> bool:
-    params = sum(math.prod(info.shape) for info in index.tensors.values())
-    needed = 2 * params * 8  # two models, float64 at worst
-    available = available_memory()
-    return available is not None and needed < 0.5 * available
-
-
-def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
-    """Bytes the system can give without swapping: MemAvailable, which counts the page cache it can drop (the
-    checkpoint just read is in it), else the free pages; None when neither is known."""
-    try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def model_inputs(vocab_size: int) -> list[dict[str, torch.Tensor]]:
-    """Fixed inputs of two shapes; the second row of a batch is left-padded, to exercise the attention mask."""
-    generator = torch.Generator().manual_seed(0)
-    inputs = []
-    for batch, length in INPUT_SHAPES:
-        input_ids = torch.randint(0, vocab_size, (batch, length), generator=generator)
-        attention_mask = torch.ones_like(input_ids)
-        if batch > 1:
-            attention_mask[1, : length // 3] = 0
-        inputs.append({"input_ids": input_ids, "attention_mask": attention_mask})
-    return inputs
-
-
-@torch.no_grad()
-def check_model_outputs(
-    base: Path, adapters: Sequence[VeraAdapter], merged: Path, rounding: Rounding = Rounding.FMA
-) -> list[Check]:
-    """Compare the merged model's outputs with the base model plus `VeraLinear` layers on `model_inputs`.
-
-    Pass adapters with their projections pinned (`plan.pin_projections`): the reference model is loaded in the
-    compute dtype, and must use the projections resolved on the checkpoint's own dtype.
-    """
-    from .layers import apply_vera
-    from .modeling import load_model, model_outputs
-
-    dtype = _storage_dtype(base)
-    compute = compute_dtype(dtype)
-    unmerged = apply_vera(load_model(base, compute), [cast_adapter(a, compute) for a in adapters], rounding)
-    inputs = model_inputs(unmerged.config.vocab_size)
-    expected = [model_outputs(unmerged, batch) for batch in inputs]
-    del unmerged
-    merged_model = load_model(merged, compute)
-    checks = []
-    roundoff = unit_roundoff(dtype)
-    for batch, reference in zip(inputs, expected):
-        actual = model_outputs(merged_model, batch)
-        for key, want in reference.items():
-            got = actual[key]
-            # Outputs the reference cannot compute (NaN or Inf, from a base holding them) are compared position
-            # by position: the merged model must not compute them either, and the rest is compared in numbers.
-            finite = torch.isfinite(want)
-            same = bool(((got == want) | (got.isnan() & want.isnan()))[~finite].all())
-            error = (got - want).abs()[finite].max().item() if finite.any() else 0.0
-            scale = want.abs()[finite].max().item() if finite.any() else 1.0
-            tolerance = MODEL_ROUNDOFFS * roundoff * (scale or 1.0)
-            detail = (
-                ""
-                if finite.all()
-                else f"{int((~finite).sum())} outputs not finite, {'the same' if same else 'NOT the same'} in the merged model"
-            )
-            shape = "x".join(map(str, batch["input_ids"].shape))
-            checks.append(
-                Check(
-                    f"model {key} [{shape}]",
-                    error,
-                    error / (scale or 1.0),
-                    tolerance,
-                    same and error <= tolerance,
-                    detail,
-                )
-            )
-    return checks
-
-
-def _storage_dtype(model_dir: Path) -> torch.dtype:
-    index = ShardedTensorIndex.from_dir(model_dir)
-    floats = [info.dtype for info in index.tensors.values() if info.dtype.is_floating_point]
-    if not floats:
-        raise CheckpointError(f"{model_dir}: holds no floating point weights")
-    return max(set(floats), key=floats.count)
-
-
-def cast_adapter(adapter: VeraAdapter, dtype: torch.dtype) -> VeraAdapter:
-    """A copy of the adapter with lambdas and stored projections in `dtype` (for a reference in that precision)."""
-    layers = {m: VeraLayer(m, v.lambda_b.to(dtype), v.lambda_d.to(dtype)) for m, v in adapter.layers.items()}
-
-    def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return None if tensor is None else tensor.to(dtype)
-
-    return dataclasses.replace(
-        adapter, layers=layers, vera_A=cast(adapter.vera_A), vera_B=cast(adapter.vera_B)
     )

@@ -3,7 +3,8 @@
 Each document runs in a fresh directory holding the names its examples use: `llama` (a tiny Llama), `my-vera`
 (an all-linear adapter whose projections are regenerated from its key; `llama` has a tokenizer), `second-vera` (another adapter of
 `llama`), `other-vera` and `alice-vera` ... `erin-vera` (siblings of `my-vera`: same projections, other
-lambdas), and `fixtures` (the repository's own, for the quick start). Bash blocks run through the CLI, command by
+lambdas), `fixtures` (the repository's own, for the quick start), and a Hugging Face cache in which
+`TinyLlama/TinyLlama-1.1B-Chat-v1.0` is `llama`, laid out as huggingface_hub lays it out and read offline. Bash blocks run through the CLI, command by
 command, in order, each expected to exit 0 unless the line before the block says `<!-- exit N -->`; Python blocks
 run as scripts. `<!-- not run: reason -->` before a block skips it.
 """
@@ -20,12 +21,13 @@ import pytest
 from click.testing import CliRunner
 
 from fixtures.build import BASES, build_adapter, build_tokenizer
-from tests.helpers import base_dir
+from tests.helpers import base_dir, hub_cache
 from vera_export import cli
 
 ROOT = Path(__file__).parents[2]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SIBLINGS = ["other", "alice", "bob", "carol", "dave", "erin"]
+HUB_ID = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
 # The commands each page documents: it must name every one of their options.
 PAGES = {
     "merge.md": ["merge", "unmerge"],
@@ -89,6 +91,7 @@ def world(fixture_root, tmp_path_factory) -> Path:
     for seed, name in enumerate(SIBLINGS, start=201):
         build_adapter("llama-all-noproj", root / "llama", root / f"{name}-vera", base_name="llama", seed=seed)
     (root / "fixtures").symlink_to(ROOT / "fixtures")
+    hub_cache(root / "hub", HUB_ID, root / "llama")
     return root
 
 
@@ -99,6 +102,7 @@ def test_examples_run(document: Path, world: Path, tmp_path: Path, monkeypatch) 
     shutil.copytree(world, here, symlinks=True)
     monkeypatch.chdir(here)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(here / "hub"))
     ran = 0
     for block in blocks(document):
         where = f"{document.name}:{block.line}"

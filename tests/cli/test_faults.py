@@ -21,6 +21,8 @@ from tests.helpers import assert_clean_failure, cli_merge, digest, restore_sigin
 from vera_export import VerifyOptions, verify
 from vera_export.io.writer import SafetensorsWriter
 
+RECORD_FILES = ["README.md", "vera_export.json"]  # what a merge writes beside the base's files
+
 
 def test_a_signal_during_the_swap_waits_for_it_to_finish(work, monkeypatch, sigint_raises) -> None:
     """Ctrl-C while --force removes the previous output: the new output is complete when the run stops."""
@@ -38,7 +40,7 @@ def test_a_signal_during_the_swap_waits_for_it_to_finish(work, monkeypatch, sigi
     result = cli_merge(tmp_path, base, adapter, "--force")
     assert result.exit_code == 128 + signal.SIGINT and "nothing partial" in result.stderr
     assert not (output / "previous.txt").exists()
-    assert sorted(p.name for p in output.iterdir()) == sorted(p.name for p in base.iterdir())
+    assert sorted(p.name for p in output.iterdir()) == sorted([p.name for p in base.iterdir()] + RECORD_FILES)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
@@ -58,7 +60,9 @@ def test_force_replaces_only_when_complete(work, monkeypatch) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     monkeypatch.undo()
     assert cli_merge(tmp_path, base, adapter, "--force").exit_code == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in base.iterdir())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [p.name for p in base.iterdir()] + RECORD_FILES
+    )
 
 
 def _fail_with(code: int):

@@ -374,3 +374,27 @@ def test_nan_and_inf_in_the_base_are_kept_named_and_verified_position_by_positio
     )
     result = run_cli("verify", "--base", base, "--adapter", adapter, "--merged", merged, "--quiet")
     assert result.exit_code == 1 and "NOT the same" in result.stdout, result.output
+
+
+# --- devices the machine does not have -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cpu:0", "tpu"])
+def test_a_device_that_is_no_device_is_a_usage_error(work, device: str) -> None:
+    tmp_path, base, adapter = work
+    result = cli_merge(tmp_path, base, adapter, "--device", device)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"--device {device!r}: expected cpu, cuda or cuda:N" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("command", ["merge", "unmerge"])
+def test_cuda_without_cuda_is_one_line_saying_to_fold_on_the_cpu(work, command: str) -> None:
+    tmp_path, base, adapter = work
+    before = digest(base, adapter)
+    flag = "--base" if command == "merge" else "--merged"
+    result = run_cli(
+        command, flag, base, "--adapter", adapter, "--output", tmp_path / "out", "--device", "cuda"
+    )
+    _refused(result, tmp_path, before, (base, adapter), "--device cuda: torch", "--device cpu")

@@ -79,7 +79,11 @@ def test_tensor_stored_twice_is_rejected(tmp_path):
     [
         ({}, ["no safetensors weights"]),
         ({"pytorch_model.bin": b"pickle"}, ["pytorch_model.bin", "pickle", "not loaded", "convert"]),
-        ({"adapter_model.safetensors": b""}, ["adapter_model.safetensors", "as a file"]),
+        (
+            {"adapter_model.safetensors": b""},
+            ["adapter_model.safetensors", "pass the directory to --adapter"],
+        ),
+        ({"weights.safetensors": b""}, ["weights.safetensors", "rename it model.safetensors"]),
     ],
 )
 def test_dir_without_safetensors_weights(tmp_path, files, fragments):

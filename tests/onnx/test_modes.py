@@ -11,12 +11,12 @@ import torch
 from tests.helpers import adapter_dir, base_dir, load_peft
 from vera_export import AdapterError, load_adapter
 from vera_export.io.index import ShardedTensorIndex
+from vera_export.model_check import model_inputs
 from vera_export.modeling import load_model
 from vera_export.onnx.modes import MODES, TaskOutput
 from vera_export.onnx.signature import ADAPTER_INDEX, TASKS
 from vera_export.options import ONNX_MODES, ONNX_TASKS
 from vera_export.projections import Rounding, generate_projections
-from vera_export.verification import model_inputs
 
 
 def test_16bit_base_projections_are_peft_s(fixture_root) -> None:

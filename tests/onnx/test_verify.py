@@ -105,5 +105,5 @@ def test_verify_onnx_needs_an_export_and_a_base(exports, tmp_path: Path) -> None
     export = exports["llama-adapter"]
     with pytest.raises(CheckpointError, match=f"no {MANIFEST_NAME}"):
         verify_onnx(tmp_path, export.base, export.adapters)
-    with pytest.raises(CheckpointError, match="pass a Hugging Face model directory to --base"):
+    with pytest.raises(CheckpointError, match="pass a Hugging Face model directory or a Hub ID to --base"):
         verify_onnx(export.directory, tmp_path / "missing", export.adapters)

@@ -163,8 +163,15 @@ def _no_weights_error(model_dir: Path) -> CheckpointError:
             f"arbitrary code - convert it to safetensors (e.g. save_pretrained(..., safe_serialization=True))"
         )
     others = sorted(p.name for p in model_dir.glob("*.safetensors"))
-    if others:
-        message += f"; other safetensors files are there ({listing(others)}) - pass one of them as a file"
+    if "adapter_model.safetensors" in others:
+        message += (
+            "; it holds adapter_model.safetensors, a PEFT adapter's weights: pass the directory to --adapter"
+        )
+    elif others:
+        message += (
+            f"; other safetensors files are there ({listing(others)}): if one holds this model's weights, rename it "
+            f"{SAFE_WEIGHTS_NAME}, or write a {INDEX_NAME} that lists them"
+        )
     return CheckpointError(message + ".")
 
 

@@ -22,7 +22,7 @@ import onnxruntime as ort
 import torch
 
 from ..adapter import VeraAdapter, load_adapter
-from ..errors import CheckpointError, IncompatibleAdapterError, OutputError, listing
+from ..errors import CheckpointError, IncompatibleAdapterError, OutputError, counted, listing
 from ..io.locations import Kind, locate
 from ..io.outputs import staged_output
 from ..options import OnnxAdapterOptions, Rounding
@@ -161,7 +161,7 @@ def _refuse_misfits(manifest: Manifest, mode: ExportMode, adapters: Sequence[Ver
     if misfits:
         raise IncompatibleAdapterError(
             "; ".join(
-                f"{adapter.path}: does not fit the exported graph ({len(problems)} problems): "
+                f"{adapter.path}: does not fit the exported graph ({counted(len(problems), 'problem')}): "
                 + "; ".join(problems)
                 for adapter, problems in misfits
             )

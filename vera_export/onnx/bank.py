@@ -30,7 +30,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..adapter import VeraAdapter
-from ..errors import IncompatibleAdapterError
+from ..errors import IncompatibleAdapterError, counted
 from ..layers import vera_branch
 from ..options import Rounding
 from ..plan import Plan, Projections, TensorSpec, build_plan, pin_projections
@@ -242,7 +242,8 @@ def build_bank(
                 )
     if problems:
         raise IncompatibleAdapterError(
-            f"the adapters cannot share one bank ({len(problems)} problems): " + "; ".join(problems)
+            f"the adapters cannot share one bank ({counted(len(problems), 'problem')}): "
+            + "; ".join(problems)
         )
     pinned = [pin_projections([a], plan)[0] for a, plan in zip(adapters, plans)]
     warnings = [w for plan in plans for w in plan.warnings]

@@ -17,7 +17,7 @@ import onnx_ir as ir
 import torch
 
 from ..adapter import VeraAdapter, load_adapter
-from ..errors import CheckpointError
+from ..errors import CheckpointError, counted
 from ..io.index import ShardedTensorIndex
 from ..io.locations import Kind, locate
 from ..io.outputs import staged_output
@@ -25,7 +25,7 @@ from ..io.side_files import side_files
 from ..modeling import load_model, model_class
 from ..options import OnnxOptions, VerifyOnnxOptions
 from ..progress import stage_bar
-from ..reports import counted
+from ..reports import duration
 from ..verification import VerifyReport
 from . import generation
 from . import graph as passes
@@ -59,7 +59,7 @@ class OnnxReport:
     def text(self, quiet: bool = False) -> str:
         line = (
             f"exported {self.task} graph ({self.mode} mode, {counted(self.overridable, 'overridable tensor')}) "
-            f"to {self.output}: {', '.join(self.files)} ({self.seconds:.1f} s)"
+            f"to {self.output}: {', '.join(self.files)} ({duration(self.seconds)})"
         )
         return line if self.verification is None else line + "\n" + self.verification.text(quiet)
 

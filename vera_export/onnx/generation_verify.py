@@ -30,9 +30,10 @@ import onnx_ir as ir
 import torch
 
 from ..adapter import VeraAdapter, VeraLayer
+from ..checks import Check
 from ..layers import apply_vera, merge_into, untie
+from ..model_check import cast_adapter
 from ..modeling import load_model, model_config
-from ..verification import Check, cast_adapter
 from .adapter_file import adapter_values, write_adapter_file
 from .generation import genai_inputs
 from .graph import MODEL_NAME

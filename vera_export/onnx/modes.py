@@ -31,9 +31,9 @@ from ..adapter import VeraAdapter
 from ..errors import AdapterError
 from ..io.index import ShardedTensorIndex
 from ..layers import VeraLinear, apply_vera, merge_into, untie
+from ..model_check import model_inputs
 from ..options import ONNX_MODES, Rounding
 from ..plan import Projections, build_plan, pin_projections
-from ..verification import model_inputs
 from . import graph as passes
 from .bank import Bank, RowSelection, apply_bank, build_bank, stack_inputs
 from .manifest import Manifest

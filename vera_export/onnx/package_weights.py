@@ -17,9 +17,9 @@ import torch
 from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
 from ..adapter import VeraAdapter
+from ..checks import Check
 from ..layers import merge_into
 from ..modeling import load_model
-from ..verification import Check
 from .builder_names import slots
 from .manifest import Manifest
 from .signature import Precision, lambda_input

@@ -21,13 +21,15 @@ import onnxruntime as ort
 import torch
 
 from ..adapter import VeraAdapter, load_adapter
+from ..checks import Check
 from ..errors import AdapterError
 from ..io.index import ShardedTensorIndex
 from ..io.locations import Kind, locate
 from ..layers import apply_vera
+from ..model_check import cast_adapter
 from ..modeling import load_model, model_config
 from ..options import Rounding, VerifyOnnxOptions
-from ..verification import Check, VerifyReport, cast_adapter
+from ..verification import VerifyReport
 from .graph import MODEL_NAME
 from .manifest import MANIFEST_NAME, Manifest, projection_digest
 from .modes import MODES, ExportMode, TaskOutput

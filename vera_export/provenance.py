@@ -1,0 +1,291 @@
+"""What a merged checkpoint was made from: the record `merge` and `unmerge` write, and the model card.
+
+The record says which tool and version wrote the checkpoint, by which precision rule, from which base, and which
+adapters are folded into it, each with the SHA-256 of its files (and its Hub ID and revision when it came from
+the Hub). It is written twice: in full as `vera_export.json` beside the shards, and, without the base's file
+digests (computed while the shards are written), in every shard's safetensors metadata under `vera_export`, so
+that a shard copied on its own still says what it holds. A base that carries a record passes it on: merging into
+a merged model adds to its list of adapters, unmerging takes away, and merging an adapter the list already holds
+is refused (it would be folded in twice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, IncompatibleAdapterError, quoted
+from .io.index import INDEX_NAME
+
+RECORD_NAME = "vera_export.json"
+METADATA_KEY = "vera_export"
+FORMAT = "vera-export merge record"
+CARD_NAME = "README.md"
+PRECISION_RULE = (
+    "each weight rounded once from W + delta_W, to within 1 ulp of the exact sum (products in float32 for 16-bit "
+    "weights, float64 for float32; cancelling elements recomputed in float64 or exactly)"
+)
+_CHUNK = 8 * 1024 * 1024
+
+
+def tool_version() -> str:
+    try:
+        return metadata.version("vera-export")
+    except metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
+
+
+def hub_origin(directory: Path) -> tuple[str, str] | None:
+    """`(org/name, commit)` when `directory` is a snapshot of the Hugging Face cache, else None."""
+    snapshots, repo = directory.parent, directory.parent.parent
+    if snapshots.name == "snapshots" and repo.name.startswith("models--"):
+        return repo.name.removeprefix("models--").replace("--", "/"), directory.name
+    return None
+
+
+def describe(directory: Path, files: Iterable[str]) -> dict[str, Any]:
+    """Where an input came from and the SHA-256 of each of `files` (names relative to `directory`)."""
+    entry: dict[str, Any] = {"location": str(directory)}
+    origin = hub_origin(directory)
+    if origin is not None:
+        entry["hub_id"], entry["revision"] = origin
+    entry["sha256"] = {name: file_digest(directory / name) for name in sorted(files)}
+    return entry
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)  # hashlib lets other threads run while it hashes a large chunk
+    return digest.hexdigest()
+
+
+@dataclass
+class Record:
+    """A merged checkpoint's record (see the module docstring).
+
+    Attributes:
+        base: The original base: location, Hub ID and revision when known, and its files' SHA-256 (empty until
+            `hash_base` has run).
+        adapters: Every adapter folded in, oldest first, each as `describe` gives it.
+        version: The vera-export version that wrote the record.
+    """
+
+    base: dict[str, Any]
+    adapters: list[dict[str, Any]] = field(default_factory=list)
+    version: str = field(default_factory=tool_version)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "tool": "vera-export",
+            "version": self.version,
+            "precision": PRECISION_RULE,
+            "base": self.base,
+            "adapters": self.adapters,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Record:
+        """The record `to_json` gave (unchecked: for records this process wrote or `read_record` checked)."""
+        return cls(base=raw["base"], adapters=raw["adapters"], version=raw["version"])
+
+    def metadata(self) -> str:
+        """The record for shard metadata: without the base's digests, which are not known yet."""
+        shallow = self.to_json()
+        shallow["base"] = {k: v for k, v in self.base.items() if k != "sha256"}
+        return json.dumps(shallow, separators=(",", ":"), sort_keys=True)
+
+    def summary(self) -> str:
+        names = ", ".join(_name(a) for a in self.adapters) or "none"
+        return f"base {_name(self.base)}; adapters merged in: {names} (vera-export {self.version})"
+
+
+def _name(entry: dict[str, Any]) -> str:
+    if "hub_id" in entry:
+        return f"{entry['hub_id']}@{entry.get('revision', '')[:12]}"
+    return str(entry.get("location", "?"))
+
+
+def read_record(directory: Path, shard_metadata: dict[str, str] | None = None) -> Record | None:
+    """The record a checkpoint carries: `vera_export.json`, else the one in its first shard's metadata.
+
+    Raises:
+        CheckpointError: A record that is not valid JSON or not a record's shape.
+    """
+    path = directory / RECORD_NAME
+    if path.is_file():
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise CheckpointError(
+                f"{path}: not a readable JSON file ({type(exc).__name__}); delete it or restore it"
+            ) from None
+        if isinstance(raw, dict) and raw.get("format") != FORMAT:
+            return None  # an ONNX export's manifest, not a merge record
+        return _parse(path, raw)
+    text = (shard_metadata or {}).get(METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError):
+        raise CheckpointError(
+            f"{directory}: the shard metadata's {METADATA_KEY!r} record is not JSON; re-save the checkpoint"
+        ) from None
+    return _parse(directory, raw)
+
+
+def _parse(where: Path, raw: Any) -> Record:
+    def entry(value: Any) -> bool:
+        return (
+            isinstance(value, dict)
+            and isinstance(value.get("location"), str)
+            and all(isinstance(value.get(k, ""), str) for k in ("hub_id", "revision"))
+            and isinstance(value.get("sha256", {}), dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in value.get("sha256", {}).items())
+        )
+
+    if (
+        not isinstance(raw, dict)
+        or raw.get("format") != FORMAT
+        or not entry(raw.get("base"))
+        or not isinstance(raw.get("adapters"), list)
+        or not all(entry(a) for a in raw["adapters"])
+        or not isinstance(raw.get("version"), str)
+    ):
+        raise CheckpointError(
+            f"{where}: malformed merge record (expected format {FORMAT!r} with base, adapters and version); "
+            f"delete it or restore it"
+        )
+    return Record.from_json(raw)
+
+
+def same_adapter(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two recorded adapters are the same files (their digests), wherever they were."""
+    return bool(a.get("sha256")) and a.get("sha256") == b.get("sha256")
+
+
+def next_record(
+    base_dir: Path, carried: Record | None, adapters: list[dict[str, Any]], alpha: float, ignore: bool
+) -> Record:
+    """The record of a merge (`alpha` 1) or unmerge (-1) of `adapters` into a base carrying `carried`.
+
+    Raises:
+        IncompatibleAdapterError: Merging an adapter the base already holds, or unmerging one it does not list
+            (unless `ignore`).
+    """
+    record = (
+        Record(base=dict(carried.base), adapters=list(carried.adapters))
+        if carried is not None
+        else Record(base={"location": str(base_dir), **_hub_fields(base_dir)})
+    )
+    for adapter in adapters:
+        found = next((i for i, a in enumerate(record.adapters) if same_adapter(a, adapter)), None)
+        if alpha > 0:
+            if found is not None and not ignore:
+                raise IncompatibleAdapterError(
+                    f"{adapter['location']}: {base_dir} records this adapter as merged in already (same files); "
+                    f"merging it again folds it in twice - pass --ignore-record if that is what you want"
+                )
+            record.adapters.append(adapter)
+        elif found is not None:
+            del record.adapters[found]
+        elif carried is not None and not ignore:
+            raise IncompatibleAdapterError(
+                f"{adapter['location']}: {base_dir} does not record this adapter as merged in "
+                f"({len(carried.adapters)} recorded); subtracting it would change the model - pass --ignore-record "
+                f"to unmerge it anyway"
+            )
+    return record
+
+
+def _hub_fields(directory: Path) -> dict[str, str]:
+    origin = hub_origin(directory)
+    return {} if origin is None else {"hub_id": origin[0], "revision": origin[1]}
+
+
+class BaseDigests:
+    """The base's files hashed in a background thread while the merge writes, joined before the record is."""
+
+    def __init__(self, directory: Path, shards: Iterable[Path]) -> None:
+        """Start hashing `shards` (paths under `directory`) and `model_files(directory)`."""
+        self.directory = directory
+        self.files = sorted([str(Path(s).relative_to(directory)) for s in shards] + model_files(directory))
+        self.result: dict[str, str] = {}
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="vera-export-digests", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result = {name: file_digest(self.directory / name) for name in self.files}
+        except BaseException as exc:  # re-raised in the main thread by `join`
+            self.error = exc
+
+    def join(self) -> dict[str, str]:
+        self.thread.join()
+        if self.error is not None:
+            raise CheckpointError(
+                f"{self.directory}: could not be read while hashing it ({quoted(str(self.error))})"
+            ) from None
+        return self.result
+
+
+def model_files(source: Path) -> list[str]:
+    """The base's files besides its shards that say what the model is (hashed into the record)."""
+    return [name for name in (INDEX_NAME, "config.json") if (source / name).is_file()]
+
+
+def write_record(staging: Path, record: Record, source: Path) -> None:
+    """`vera_export.json` and the model card (the base's card text kept below ours) into `staging`."""
+    (staging / RECORD_NAME).write_text(json.dumps(record.to_json(), indent=2) + "\n", encoding="utf-8")
+    base_card = None
+    if (source / CARD_NAME).is_file():
+        base_card = (source / CARD_NAME).read_text(encoding="utf-8", errors="replace")
+    (staging / CARD_NAME).write_text(model_card(record, base_card), encoding="utf-8")
+
+
+def model_card(record: Record, base_card: str | None) -> str:
+    """The merged model's `README.md`: front matter the Hub reads, what was merged, then the base's card text."""
+    lines = ["---"]
+    if "hub_id" in record.base:
+        lines.append(f"base_model: {record.base['hub_id']}")
+        lines.append("base_model_relation: merge")
+    lines += ["tags:", "- vera", "- peft", "- merged", "library_name: transformers", "---", ""]
+    base = _name(record.base)
+    adapters = "\n".join(f"- `{_name(a)}`" for a in record.adapters) or "- none"
+    lines += [
+        f"# {base} with VeRA adapters merged in",
+        "",
+        f"Merged by vera-export {record.version}: {PRECISION_RULE}. The adapters folded in, oldest first:",
+        "",
+        adapters,
+        "",
+        f"`{RECORD_NAME}` holds the full record, with the SHA-256 of every input file.",
+    ]
+    if base_card:
+        lines += [
+            "",
+            "---",
+            "",
+            f"The base model's card ({base}):",
+            "",
+            _without_front_matter(base_card).strip(),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _without_front_matter(card: str) -> str:
+    if card.startswith("---"):
+        end = card.find("\n---", 3)
+        if end != -1:
+            return card[end + 4 :]
+    return card
