@@ -13,7 +13,7 @@ import pytest
 from safetensors import safe_open
 
 from tests.helpers import adapter_dir, assert_one_error_line, base_dir, cli_merge, digest, hub_cache, run_cli
-from vera_export.provenance import FORMAT, METADATA_KEY, RECORD_NAME, model_card, read_record
+from vera_export.provenance import FORMAT, METADATA_KEY, RECORD_NAME, file_digest, model_card, read_record
 from vera_export.provenance import Record as ProvenanceRecord
 
 
@@ -79,6 +79,8 @@ def test_a_hub_base_is_named_in_the_card_and_the_record(inputs, monkeypatch) -> 
     assert result.exit_code == 0, result.output
     record = _record(tmp_path / "out")
     assert (record["base"]["hub_id"], record["base"]["revision"]) == ("acme/llama", commit)
+    # Read off the cache's blob names (large files are stored under their SHA-256), not recomputed: the same.
+    assert record["base"]["sha256"]["model.safetensors"] == _sha256(base / "model.safetensors")
     assert (
         "base_model: acme/llama\nbase_model_relation: merge\n" in (tmp_path / "out" / "README.md").read_text()
     )
@@ -166,6 +168,20 @@ def test_a_broken_record_is_one_error_line(inputs, text: str) -> None:
 def test_an_onnx_manifest_is_not_a_merge_record(tmp_path: Path) -> None:
     (tmp_path / RECORD_NAME).write_text(json.dumps({"format": 1, "mode": "merged"}))
     assert read_record(tmp_path) is None
+
+
+def test_a_digest_is_computed_unless_a_cache_blob_name_is_one(tmp_path: Path) -> None:
+    repo = tmp_path / "models--acme--x"
+    snapshot, blobs = repo / "snapshots" / ("c" * 40), repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for name in ("e" * 64, "a" * 40):  # an LFS file's SHA-256, a small file's git blob id
+        (blobs / name).write_bytes(b"weights")
+        (snapshot / name[:3]).symlink_to(f"../../blobs/{name}")
+    (tmp_path / "elsewhere").symlink_to(blobs / ("e" * 64))  # not in a snapshot: the name is not trusted
+    assert file_digest(snapshot / "eee") == "e" * 64
+    computed = hashlib.sha256(b"weights").hexdigest()
+    assert file_digest(snapshot / "aaa") == file_digest(tmp_path / "elsewhere") == computed
 
 
 def test_a_card_without_a_base_card_ends_with_the_record_line() -> None:
