@@ -14,6 +14,7 @@ from vera_export.precision import (
     FOLDABLE_DTYPES,
     SIGNIFICAND_BITS,
     _narrow_carefully,
+    _where,
     all_finite,
     compute_dtype,
     exact_sums,
@@ -209,3 +210,13 @@ def test_all_finite_finds_any_nan_or_inf(dtype: torch.dtype, bad: float | None) 
         values[2, 777] = bad
     assert all_finite(values) is (bad is None)
     assert all_finite(values[:2]) and all_finite(torch.empty(0, dtype=dtype))
+
+
+@pytest.mark.parametrize("n", [0, 7, 4096, 4097, 100_000])
+@pytest.mark.parametrize("share", [0.0, 1e-5, 1e-3, 0.5])
+def test_where_finds_what_nonzero_finds(n: int, share: float) -> None:
+    """The span-by-span search narrow() uses for its few careful elements, whatever their number and place."""
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < share
+    if n:
+        mask[-1] = True  # the tail past the last whole span
+    assert torch.equal(_where(mask), mask.nonzero().squeeze(1))

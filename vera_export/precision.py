@@ -4,6 +4,7 @@ exact arithmetic for the few elements where float64 cannot vouch for a sum."""
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import torch
@@ -89,19 +90,40 @@ def narrow(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     if values.dtype != torch.float64 or dtype in (torch.float32, torch.float64):
         return values.to(dtype)
-    single = values.to(torch.float32)
+    single = values.to(torch.float32).reshape(-1)
     result = single.to(dtype)
-    bits = single.view(torch.int32)
-    if dtype == torch.bfloat16:  # float32's exponent range: subnormals and overflow follow the same bits
-        careful = (bits & 0xFFFF) == 0x8000
+    if dtype == torch.bfloat16 and sys.byteorder == "little":
+        # float32's exponent range: subnormals and overflow follow the same bits. The low 16 bits of each float32
+        # are every other int16 of its bytes: one strided comparison, no arithmetic pass.
+        careful = single.view(torch.int16)[0::2] == -0x8000
+    elif dtype == torch.bfloat16:
+        careful = (single.view(torch.int32) & 0xFFFF) == 0x8000
     else:
         magnitude = single.abs()
-        careful = ((bits & 0x1FFF) == 0x1000) | ~(magnitude >= 2.0**-14) | (magnitude >= 65504.0)
-    if careful.any():
-        index = careful.view(-1).nonzero().squeeze(1)
-        flat = result.view(-1)
-        flat[index] = _narrow_carefully(values.reshape(-1)[index], dtype)
-    return result
+        careful = (
+            ((single.view(torch.int32) & 0x1FFF) == 0x1000)
+            | ~(magnitude >= 2.0**-14)
+            | (magnitude >= 65504.0)
+        )
+    index = _where(careful)
+    if index.numel():
+        result[index] = _narrow_carefully(values.reshape(-1)[index], dtype)
+    return result.view(values.shape)
+
+
+_SPAN = 4096  # elements of a mask looked at together by `_where`
+
+
+def _where(mask: torch.Tensor) -> torch.Tensor:
+    """`mask.nonzero()` of a flat boolean tensor with few True: spans of `_SPAN` checked eight elements at a time
+    (as int64), then only the spans that hit searched; one plain `nonzero` when many spans hit."""
+    whole = mask.numel() - mask.numel() % _SPAN
+    spans = mask[:whole].view(torch.int64).view(-1, _SPAN // 8).any(dim=1).nonzero().squeeze(1).tolist()
+    if len(spans) > 64:
+        return mask.nonzero().squeeze(1)
+    parts = [mask[s * _SPAN : (s + 1) * _SPAN].nonzero().squeeze(1) + s * _SPAN for s in spans]
+    parts.append(mask[whole:].nonzero().squeeze(1) + whole)
+    return torch.cat(parts)
 
 
 def _narrow_carefully(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
