@@ -52,7 +52,7 @@ def test_regenerated_projection_shapes_with_base(fixture_root) -> None:
     assert all(layer.weight_shape is not None for layer in report.layers)
 
 
-def test_size_of_a_pickled_adapter_and_conflicts_merge_would_refuse(fixture_root, tmp_path) -> None:
+def test_size_of_a_pickled_adapter_and_a_saved_base_weight_merge_would_refuse(fixture_root, tmp_path) -> None:
     import torch
 
     pickled = tmp_path / "pickled"
@@ -62,16 +62,18 @@ def test_size_of_a_pickled_adapter_and_conflicts_merge_would_refuse(fixture_root
     report = inspect(pickled, options=InspectOptions(allow_pickle=True))
     assert report.checkpoint_bytes == (pickled / "adapter_model.bin").stat().st_size > 0
 
-    # A tensor both adapted and replaced (as PEFT saves lm_head.base_layer.weight for an adapted lm_head): merge
-    # refuses it, and inspect says so too.
+    # An adapted layer's base weight saved beside its lambdas (as PEFT saves lm_head.base_layer.weight): fine when
+    # it is the base's, a problem merge would refuse when it is not.
     both = tmp_path / "both"
     shutil.copytree(adapter_dir(fixture_root, "llama-qv"), both)
     tensors = load_file(both / "adapter_model.safetensors")
     base = base_dir(fixture_root, "llama-qv")
     name = "model.layers.0.self_attn.q_proj"
-    tensors[f"base_model.model.{name}.base_layer.weight"] = load_file(base / "model.safetensors")[
-        f"{name}.weight"
-    ]
+    weight = load_file(base / "model.safetensors")[f"{name}.weight"]
+    tensors[f"base_model.model.{name}.base_layer.weight"] = weight
+    save_file(tensors, both / "adapter_model.safetensors")
+    assert inspect(both, base=base).compatible
+    tensors[f"base_model.model.{name}.base_layer.weight"] = weight + 1
     save_file(tensors, both / "adapter_model.safetensors")
     report = inspect(both, base=base)
-    assert not report.compatible and any("both adapted and replaced" in p for p in report.problems)
+    assert not report.compatible and any("trained on another base model" in p for p in report.problems)

@@ -99,7 +99,9 @@ def test_lora_adapter_reproduces_vera_in_peft(fixture_root, tmp_path, name: str,
     assert sorted(report.carried) == sorted(k for k in written if ".lora_" not in k)
 
 
-@pytest.mark.parametrize("name", ["gpt2-attn", "bert-cls", "llama-layers", "llama-all-noproj"])
+@pytest.mark.parametrize(
+    "name", ["gpt2-attn", "bert-cls", "llama-layers", "llama-all-noproj", "llama-lmhead"]
+)
 def test_config_is_plain_lora_with_scaling_one(fixture_root, tmp_path, name: str) -> None:
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
     to_lora(base, adapter, tmp_path / "lora")
@@ -144,7 +146,7 @@ def test_a_regex_target_drops_the_layer_filters_peft_lora_refuses_next_to_it(fix
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["llama-qv", "gpt2-attn", "llama-bf16-all"])
+@pytest.mark.parametrize("name", ["llama-qv", "gpt2-attn", "llama-bf16-all", "llama-lmhead"])
 def test_factors_equal_the_vera_delta_up_to_one_rounding(fixture_root, tmp_path, name: str, dtype) -> None:
     """lora_A is the projection scaled by a power of two per row, lora_B carries both lambdas; each is rounded once
     to `dtype`, so every element of lora_B @ lora_A is within the propagated rounding bound of the exact delta

@@ -54,6 +54,8 @@ class VeraAdapter:
         vera_A: The stored projection (r, max_in), or None when the checkpoint does not carry it.
         vera_B: The stored projection (max_out, r), or None.
         replacements: Base tensor name -> trained tensor (biases, `modules_to_save`), in the adapter's dtype.
+        base_copies: Base weight name -> the copy of an adapted layer's own base weight PEFT saves for
+            embedding-like layers (`lm_head.base_layer.weight`): frozen, so it must equal the base's.
         raw_config: `adapter_config.json` as read, every field included.
         tensors: Every tensor of the checkpoint under its key and in its dtype, as stored.
         weights_file: The file the tensors were read from.
@@ -66,6 +68,7 @@ class VeraAdapter:
     vera_A: torch.Tensor | None
     vera_B: torch.Tensor | None
     replacements: dict[str, torch.Tensor]
+    base_copies: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     raw_config: dict[str, Any] = field(default_factory=dict, repr=False)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     weights_file: Path | None = None
@@ -149,6 +152,7 @@ def _assemble(
     lambdas: dict[str, dict[str, torch.Tensor]] = {}
     projections: dict[str, torch.Tensor] = {}
     replacements: dict[str, torch.Tensor] = {}
+    saved: set[str] = set()  # the keys behind `replacements`, without the prefix
     for key, tensor in tensors.items():
         projection = next((name for name, k in PROJECTION_KEYS.items() if key == k), None)
         if projection is not None:
@@ -161,6 +165,7 @@ def _assemble(
         elif ".original_module." in key:
             continue  # PEFT's frozen copy of a modules_to_save module (saved with bias="all"): the base's own values
         else:
+            saved.add(key[len(_MODEL_PREFIX) :])
             base_name = (
                 key[len(_MODEL_PREFIX) :].replace(".base_layer.", ".").replace(".modules_to_save.", ".")
             )
@@ -219,7 +224,17 @@ def _assemble(
 
     if problems:
         raise AdapterError(f"{file}: " + "; ".join(problems))
-    return VeraAdapter(path, config, layers, vera_A, vera_B, replacements, raw_config, tensors, file, notes)
+    # PEFT saves embedding-like adapted layers (lm_head) whole: `<module>.base_layer.weight` is the layer's frozen
+    # base weight, not a trained replacement.
+    base_copies = {
+        name: replacements.pop(name)
+        for name in list(replacements)
+        if name.removesuffix(".weight") in layers
+        and f"{name.removesuffix('.weight')}.base_layer.weight" in saved
+    }
+    return VeraAdapter(
+        path, config, layers, vera_A, vera_B, replacements, base_copies, raw_config, tensors, file, notes
+    )
 
 
 def _as_float32(tensor: torch.Tensor) -> torch.Tensor:

@@ -259,6 +259,7 @@ def _against_base(report: InspectReport, adapter: VeraAdapter, location: str | P
     try:  # what merge checks on top of the fit: projections, dtypes, tensors both adapted and replaced
         plan = build_plan([adapter], index.tensors)
         plan.check_foldable(index.tensors)
+        plan.check_base_copies(index.tensors)
     except VeraExportError as exc:
         report.problems.append(str(exc))
         return

@@ -107,6 +107,7 @@ def apply_vera(
         `model`.
     """
     plan = _plan(model, adapters, rounding)
+    plan.check_base_copies(model.state_dict())
     _copy_replacements(model, plan)  # before wrapping, while tensor names are still the base's
     shared: dict[tuple[int, torch.device], torch.Tensor] = {}
 
@@ -169,6 +170,8 @@ def _plan(model: nn.Module, adapters: Sequence[str | Path | VeraAdapter], roundi
 
 def _fold_in_place(model: nn.Module, plan: Plan, alpha: float) -> None:
     plan.check_foldable(model.state_dict(keep_vars=True))
+    if alpha > 0:
+        plan.check_base_copies(model.state_dict())
     for name, deltas in plan.deltas.items():
         weight = model.get_parameter(name)
         try:

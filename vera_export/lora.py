@@ -155,7 +155,9 @@ def to_lora(
     rank = options.rank
     base, output = locate(base, Kind.BASE), Path(output)
     vera = load_adapter(adapter, options.allow_pickle)
-    plan = build_plan([vera], ShardedTensorIndex.from_dir(base).tensors, options.rounding)
+    tensors = ShardedTensorIndex.from_dir(base).tensors
+    plan = build_plan([vera], tensors, options.rounding)
+    plan.check_base_copies(tensors)
     notes = list(plan.warnings)
     r = vera.config.r
     if rank is not None and rank >= r:

@@ -196,6 +196,8 @@ def _rewrite(
     has_config = read_model_config(source) is not None  # the output must load with from_pretrained
     plan = build_plan(adapters, index.tensors, rounding)
     plan.check_foldable(index.tensors)
+    if alpha > 0:
+        plan.check_base_copies(index.tensors)
     if alpha > 0 and plan.replacements:
         _refuse_tied_replacements(source, plan)
     report = MergeReport(command, output, [str(a.path) for a in adapters], warnings=list(plan.warnings))

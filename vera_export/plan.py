@@ -16,6 +16,7 @@ import torch
 from .adapter import VeraAdapter
 from .errors import IncompatibleAdapterError
 from .fold import VeraDelta
+from .io.loader import tensor_of
 from .precision import FOLDABLE_DTYPES, largest_magnitude, smallest_magnitude
 from .projections import Rounding, generate_projections
 from .targets import TargetLayer, match_layers, projection_dims, untrained_targets
@@ -79,13 +80,33 @@ class LayerDelta:
 
 @dataclass
 class Plan:
-    """Deltas by weight tensor name (in adapter order), replaced tensors by name, each adapter's projections (keyed
-    by the adapter itself) and warnings for the user."""
+    """Deltas by weight tensor name (in adapter order), replaced tensors by name, the adapters' saved copies of
+    adapted base weights (`check_base_copies`), each adapter's projections (keyed by the adapter itself) and
+    warnings for the user."""
 
     deltas: dict[str, list[LayerDelta]] = field(default_factory=dict)
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)
+    base_copies: dict[str, torch.Tensor] = field(default_factory=dict)
     projections: dict[VeraAdapter, Projections] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+
+    def check_base_copies(self, tensors: Mapping[str, TensorSpec]) -> None:
+        """Refuse an adapter whose saved copy of an adapted layer's base weight (PEFT saves `lm_head` whole) is not
+        the base's: it was trained on another base, and PEFT would load that copy over the base's weight.
+
+        Args:
+            tensors: The base's tensors, in memory or as `TensorInfo` (read here, one at a time).
+
+        Raises:
+            IncompatibleAdapterError: Naming the weight.
+        """
+        for name, copy in self.base_copies.items():
+            weight = tensor_of(tensors[name])
+            if copy.shape != weight.shape or not torch.equal(copy.to(weight.dtype), weight):
+                raise IncompatibleAdapterError(
+                    f"{name}: the adapter's saved copy of this base weight ({name.removesuffix('.weight')}"
+                    f".base_layer.weight) is not the base's; it was trained on another base model - pass that one"
+                )
 
     def check_foldable(self, tensors: Mapping[str, TensorSpec]) -> None:
         """Refuse, before anything is written, to fold into weights that are not floating point (quantized bases).
@@ -174,6 +195,7 @@ def build_plan(
             layer = adapter.layers[module]
             delta = LayerDelta(adapter.name, target, layer.lambda_b, layer.lambda_d, projections)
             plan.deltas.setdefault(target.weight, []).append(delta)
+        plan.base_copies.update(adapter.base_copies)
         for name, tensor in adapter.replacements.items():
             if name in plan.replacements:
                 plan.warnings.append(

@@ -104,6 +104,7 @@ def verify(
     if not report.checks[0].passed:
         return report
     plan = build_plan(loaded, base_index.tensors, options.rounding)
+    plan.check_base_copies(base_index.tensors)
     report.warnings.extend(plan.warnings)
     copied = [
         name for name in base_index.tensors if name not in plan.deltas and name not in plan.replacements

@@ -10,7 +10,8 @@ import sys
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import adapter_dir, assert_one_error_line, base_dir, run_cli
+from tests.helpers import adapter_dir, assert_one_error_line, base_dir, digest, run_cli
+from vera_export import load_adapter
 from vera_export.cli import main
 
 
@@ -231,3 +232,37 @@ def test_debug_shows_the_traceback(tmp_path) -> None:
     result = CliRunner().invoke(main, ["--debug", "inspect", str(tmp_path / "missing")])
     assert result.exit_code != 0 and result.exc_info is not None
     assert type(result.exception).__name__ == "AdapterError"
+
+
+def test_an_adapter_of_lm_head_merges_exports_and_converts(fixture_root, tmp_path) -> None:
+    """PEFT saves an adapted lm_head's base weight beside its lambdas (lm_head.base_layer.weight): the frozen copy,
+    checked against the base, not a trained replacement. Merged and verified, exported to ONNX (verified there),
+    and converted to LoRA as for any other layer."""
+    base, adapter = base_dir(fixture_root, "llama-lmhead"), adapter_dir(fixture_root, "llama-lmhead")
+    assert "lm_head.weight" in load_adapter(adapter).base_copies and not load_adapter(adapter).replacements
+    merged = run_cli(
+        "merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "m", "--verify", "--quiet"
+    )
+    assert merged.exit_code == 0, merged.output
+    exported = run_cli("onnx", "--base", base, "--adapter", adapter, "--output", tmp_path / "o", "--quiet")
+    assert exported.exit_code == 0, exported.output
+    lora = run_cli("to-lora", "--base", base, "--adapter", adapter, "--output", tmp_path / "l", "--quiet")
+    assert lora.exit_code == 0, lora.output
+    assert "lm_head" in json.loads((tmp_path / "l" / "adapter_config.json").read_text())["target_modules"]
+
+
+def test_an_lm_head_copy_that_is_not_the_base_is_refused(fixture_root, tmp_path) -> None:
+    base, adapter = base_dir(fixture_root, "llama-lmhead"), tmp_path / "adapter"
+    shutil.copytree(adapter_dir(fixture_root, "llama-lmhead"), adapter)
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = "base_model.model.lm_head.base_layer.weight"
+    tensors[key] = tensors[key] * 1.5
+    save_file(tensors, path, metadata={"format": "pt"})
+    before = digest(base, adapter)
+    for command in ("merge", "to-lora", "onnx"):
+        result = run_cli(
+            command, "--base", base, "--adapter", adapter, "--output", tmp_path / "out", "--quiet"
+        )
+        assert_one_error_line(result, "lm_head.weight", "trained on another base model")
+        assert not (tmp_path / "out").exists() and digest(base, adapter) == before

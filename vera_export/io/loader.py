@@ -107,6 +107,14 @@ def load_tensors(index: ShardedTensorIndex) -> dict[str, torch.Tensor]:
         return {name: loader.load(info) for name, info in index.tensors.items()}
 
 
+def tensor_of(spec: TensorInfo | torch.Tensor) -> torch.Tensor:
+    """A tensor in memory as it is; one described by its header (`TensorInfo`) read from its file."""
+    if isinstance(spec, torch.Tensor):
+        return spec.detach()
+    with LazyTensorLoader() as loader:
+        return loader.load(spec)
+
+
 def same_bytes(a: TensorInfo, b: TensorInfo, chunk: int = 16 * 1024 * 1024) -> bool:
     """Whether two tensors are stored as the same bytes (dtype, shape and data), read `chunk` bytes at a time.
 

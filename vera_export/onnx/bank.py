@@ -211,6 +211,8 @@ def build_bank(
     if not adapters:
         raise IncompatibleAdapterError("a bank needs at least one adapter")
     plans: list[Plan] = [build_plan([adapter], tensors, rounding) for adapter in adapters]
+    for plan in plans:
+        plan.check_base_copies(tensors)
     first, first_plan = adapters[0], plans[0]
     reference = first_plan.projections[first]
     replaced = list(first_plan.replacements)

@@ -117,6 +117,7 @@ class ExportMode:
             AdapterError, IncompatibleAdapterError: Before anything is loaded.
         """
         plan = build_plan(adapters, index.tensors, rounding)
+        plan.check_base_copies(index.tensors)
         return Resolution(pin_projections(adapters, plan), list(plan.warnings))
 
     def signature(self, task: Task, dtype: torch.dtype = torch.float32) -> Signature:
@@ -164,6 +165,7 @@ class AdapterMode(ExportMode):
                 f"all with --mode merged"
             )
         plan = build_plan(adapters, index.tensors, rounding)
+        plan.check_base_copies(index.tensors)
         (adapter,) = adapters
         return Resolution(
             pin_projections(adapters, plan),
