@@ -187,3 +187,12 @@ def test_a_digest_is_computed_unless_a_cache_blob_name_is_one(tmp_path: Path) ->
 def test_a_card_without_a_base_card_ends_with_the_record_line() -> None:
     card = model_card(ProvenanceRecord(base={"location": "/m"}, adapters=[], version="9"), None)
     assert card.rstrip().endswith("holds the full record, with the SHA-256 of every input file.")
+
+
+def test_the_same_adapter_given_twice_is_refused_as_such(inputs) -> None:
+    tmp_path, base, adapter, _ = inputs
+    result = run_cli(
+        "merge", "--base", base, "--adapter", adapter, "--adapter", adapter, "--output", tmp_path / "out"
+    )
+    assert_one_error_line(result, f"{adapter}: given twice (the same files)", "--ignore-record")
+    assert not (tmp_path / "out").exists()

@@ -199,23 +199,36 @@ def next_record(
         if carried is not None
         else Record(base={"location": str(base_dir), **_hub_fields(base_dir)})
     )
+    known = len(record.adapters)  # adapters before this command's
+    merged_twice, unlisted = [], []
     for adapter in adapters:
         found = next((i for i, a in enumerate(record.adapters) if same_adapter(a, adapter)), None)
         if alpha > 0:
-            if found is not None and not ignore:
-                raise IncompatibleAdapterError(
-                    f"{adapter['location']}: {base_dir} records this adapter as merged in already (same files); "
-                    f"merging it again folds it in twice - pass --ignore-record if that is what you want"
+            if found is not None:
+                merged_twice.append(
+                    f"{adapter['location']}: "
+                    + (
+                        "given twice"
+                        if found >= known
+                        else f"{base_dir} records this adapter as merged in already"
+                    )
                 )
             record.adapters.append(adapter)
         elif found is not None:
             del record.adapters[found]
-        elif carried is not None and not ignore:
-            raise IncompatibleAdapterError(
-                f"{adapter['location']}: {base_dir} does not record this adapter as merged in "
-                f"({len(carried.adapters)} recorded); subtracting it would change the model - pass --ignore-record "
-                f"to unmerge it anyway"
-            )
+        elif carried is not None:
+            unlisted.append(str(adapter["location"]))
+    if merged_twice and not ignore:
+        raise IncompatibleAdapterError(
+            f"{'; '.join(merged_twice)} (the same files): merging it again folds it in twice - pass "
+            f"--ignore-record if that is what you want"
+        )
+    if unlisted and not ignore:
+        raise IncompatibleAdapterError(
+            f"{', '.join(unlisted)}: {base_dir} does not record this adapter as merged in "
+            f"({len(carried.adapters)} recorded); subtracting it would change the model - pass --ignore-record "
+            f"to unmerge it anyway"
+        )
     return record
 
 
