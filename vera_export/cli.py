@@ -21,6 +21,8 @@ import click
 
 from . import options as opts
 from .errors import VeraExportError, VeraExportWarning
+from .io.outputs import PLACED
+from .io.outputs import reset as reset_placed
 from .reports import EXIT_ERROR, EXIT_FAILED, EXIT_OK, Report, envelope, message
 
 
@@ -70,11 +72,18 @@ class _Command(click.Command):
 
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _terminate)
+        reset_placed()
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = show
             try:
                 report: Report = super().invoke(ctx)
+                for line in report.warnings:
+                    click.echo(f"warning: {line}", err=True)
+                if as_json:
+                    _emit(self.name, True, report=report, warnings=raised)
+                else:
+                    click.echo(report.text(quiet))
             except VeraExportError as exc:
                 if debug:
                     raise
@@ -83,19 +92,27 @@ class _Command(click.Command):
                 ctx.exit(EXIT_ERROR)
             except (_Terminated, KeyboardInterrupt) as exc:
                 signum = exc.args[0] if isinstance(exc, _Terminated) else signal.SIGINT
-                stopped = Interrupted(
-                    f"stopped by {signal.Signals(signum).name}; nothing partial was left under the output name"
-                )
-                click.echo(f"error: {stopped}", err=True)
-                _emit(self.name, as_json, error=stopped, exit_code=128 + signum, warnings=raised)
-                ctx.exit(128 + signum)
-        for line in report.warnings:
-            click.echo(f"warning: {line}", err=True)
-        if as_json:
-            _emit(self.name, True, report=report, warnings=raised)
-        else:
-            click.echo(report.text(quiet))
+                ctx.exit(_interrupted(self.name, signal.Signals(signum), as_json, raised))
         ctx.exit(EXIT_OK if report.ok else EXIT_FAILED)
+
+
+def _interrupted(command: str, signum: signal.Signals, as_json: bool, raised: list[str]) -> int:
+    """Say what a signal left, and return the exit code that tells the truth about it: 0 when the output was
+    already complete and nothing else was running, else 128 + N."""
+    if not PLACED.outputs:
+        stopped = Interrupted(f"stopped by {signum.name}; nothing partial was left under the output name")
+    elif PLACED.pending is not None:
+        stopped = Interrupted(
+            f"stopped by {signum.name}: {PLACED.outputs[-1]} is complete, but {PLACED.pending} was stopped"
+        )
+    else:
+        note = f"{signum.name} arrived after {PLACED.outputs[-1]} was complete; it is kept, and the run succeeded"
+        click.echo(f"warning: {note}", err=True)
+        _emit(command, as_json, exit_code=EXIT_OK, warnings=[*raised, note])
+        return EXIT_OK
+    click.echo(f"error: {stopped}", err=True)
+    _emit(command, as_json, error=stopped, exit_code=128 + signum, warnings=raised)
+    return 128 + signum
 
 
 def build_options(cls: type, params: dict[str, Any]) -> Any:

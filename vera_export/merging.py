@@ -25,7 +25,7 @@ from .io.index import INDEX_NAME, ShardedTensorIndex
 from .io.loader import LazyTensorLoader
 from .io.locations import Kind, locate
 from .io.model_config import read_model_config
-from .io.outputs import staged_output
+from .io.outputs import after_output, staged_output
 from .io.side_files import side_files
 from .io.streams import BackgroundSink, prefetch
 from .io.writer import SafetensorsWriter, write_index
@@ -129,7 +129,8 @@ def merge(
         verify_options = VerifyOptions(
             allow_pickle=options.allow_pickle, rounding=options.rounding, progress=options.progress
         )
-        report.verification = verify(base, loaded, report.output, verify_options)
+        with after_output("its verification"):
+            report.verification = verify(base, loaded, report.output, verify_options)
         report.warnings.extend(report.verification.warnings)
     return report
 

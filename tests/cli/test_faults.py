@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.helpers import assert_clean_failure, cli_merge, digest, restore_sigint
+from tests.helpers import assert_clean_failure, cli_merge, digest, restore_sigint, run_cli
 from vera_export import VerifyOptions, verify
 from vera_export.io.writer import SafetensorsWriter
 
@@ -38,7 +38,8 @@ def test_a_signal_during_the_swap_waits_for_it_to_finish(work, monkeypatch, sigi
 
     monkeypatch.setattr("vera_export.io.outputs.shutil.rmtree", interrupted_rmtree)
     result = cli_merge(tmp_path, base, adapter, "--force")
-    assert result.exit_code == 128 + signal.SIGINT and "nothing partial" in result.stderr
+    # The signal is held until the new output is in place: it is complete, and the exit code says so.
+    assert result.exit_code == 0 and f"SIGINT arrived after {output} was complete" in result.stderr
     assert not (output / "previous.txt").exists()
     assert sorted(p.name for p in output.iterdir()) == sorted([p.name for p in base.iterdir()] + RECORD_FILES)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
@@ -238,3 +239,34 @@ def test_merging_onto_a_really_full_disk(small_disk: Path, fixture_root) -> None
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "No space left on device" in lines[0], result.stderr
     assert list(small_disk.iterdir()) == []
+
+
+def test_an_interrupt_says_what_it_left_and_exits_accordingly(work, monkeypatch) -> None:
+    """Before the output is in place: nothing left, 130. While --verify checks the complete output: it is kept,
+    the verification was stopped, 130. After everything but printing: the output is kept and the run succeeded, 0."""
+    from vera_export.merging import MergeReport
+
+    tmp_path, base, adapter = work
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr("vera_export.merging.rewrite_tensors", interrupt)
+        before = cli_merge(tmp_path, base, adapter, output=tmp_path / "a")
+    assert before.exit_code == 130 and "nothing partial was left" in before.stderr
+    assert not (tmp_path / "a").exists()
+    with monkeypatch.context() as m:
+        m.setattr("vera_export.merging.verify", interrupt)
+        verifying = cli_merge(tmp_path, base, adapter, "--verify", output=tmp_path / "b")
+    assert verifying.exit_code == 130
+    assert f"{tmp_path / 'b'} is complete, but its verification was stopped" in verifying.stderr
+    assert (tmp_path / "b" / "model.safetensors").is_file()
+    with monkeypatch.context() as m:
+        m.setattr(MergeReport, "text", interrupt)
+        printing = run_cli("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "c")
+    assert printing.exit_code == 0 and "Traceback" not in printing.output
+    assert (
+        "warning: SIGINT arrived after" in printing.stderr
+        and (tmp_path / "c" / "model.safetensors").is_file()
+    )

@@ -160,3 +160,20 @@ def test_an_interrupted_run_is_exit_130(llama, tmp_path, monkeypatch) -> None:
     envelope = run_json("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "o")
     assert envelope["exit_code"] == 130 and envelope["error"]["type"] == "Interrupted"
     assert "SIGINT" in envelope["error"]["message"]
+
+
+def test_an_interrupt_after_the_output_was_complete_is_exit_0(llama, tmp_path, monkeypatch) -> None:
+    """The signal arrives once the output is in place, while the report prints: the run did what it was asked."""
+
+    def interrupted(self, quiet=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("vera_export.merging.MergeReport.text", interrupted)
+    monkeypatch.setattr("vera_export.reports.to_json", lambda report: interrupted(report))
+    base, adapter = llama
+    envelope = run_json("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "o")
+    assert (envelope["exit_code"], envelope["ok"], envelope["error"]) == (0, True, None)
+    assert (
+        envelope["warnings"][-1].startswith("SIGINT arrived after") and "is kept" in envelope["warnings"][-1]
+    )
+    assert (tmp_path / "o" / "model.safetensors").is_file()

@@ -253,3 +253,19 @@ def test_fsync_flushes_every_output_file(work, monkeypatch) -> None:
     assert cli_merge(tmp_path, base, adapter, "--fsync").exit_code == 0
     names = {Path(path).name for path in synced}
     assert {p.name for p in base.iterdir()} <= names
+
+
+def test_what_an_interrupt_would_leave_is_tracked(tmp_path: Path) -> None:
+    """The CLI's exit code after a signal rests on this: outputs put in place, and the work still running."""
+    from vera_export.io.outputs import PLACED, after_output, reset
+
+    reset()
+    with staged_output(tmp_path / "out", [], force=False, fsync=False) as staging:
+        (staging / "f").write_text("x")
+        assert PLACED.outputs == []  # not in place yet
+    assert PLACED.outputs == [tmp_path / "out"]
+    with pytest.raises(KeyboardInterrupt), after_output("its verification"):
+        raise KeyboardInterrupt
+    assert PLACED.pending == "its verification"  # left for the CLI to report
+    reset()
+    assert (PLACED.outputs, PLACED.pending) == ([], None)

@@ -18,11 +18,43 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import OutputError, VeraExportWarning
 
 _STAGING_INFIX = ".tmp-"
+
+
+@dataclass
+class Placed:
+    """The outputs this process put in place, and the work still running after them: what an interrupt leaves.
+
+    Attributes:
+        outputs: Every output renamed into place, in order (registered in the same signal-free step as the rename).
+        pending: What the command is still doing after writing its output (its verification), or None.
+    """
+
+    outputs: list[Path] = field(default_factory=list)
+    pending: str | None = None
+
+
+PLACED = Placed()
+
+
+@contextlib.contextmanager
+def after_output(work: str) -> Iterator[None]:
+    """Mark `work` (e.g. "its verification") as running after the output was put in place. An exception leaves
+    the mark, for whoever reports it; `reset` clears it."""
+    PLACED.pending = work
+    yield
+    PLACED.pending = None
+
+
+def reset() -> None:
+    """Forget the outputs placed and the work pending (a new command starts)."""
+    PLACED.outputs.clear()
+    PLACED.pending = None
 
 
 def check_output(output: Path, inputs: Sequence[Path], force: bool, file: bool = False) -> None:
@@ -118,6 +150,7 @@ def staged_output(
                 _move_file_into_place(staging / output.name, output, force)
             else:
                 _move_into_place(staging, output, force)
+            PLACED.outputs.append(output)
             if fsync:
                 _fsync_dir(output.parent)
     except BaseException:
