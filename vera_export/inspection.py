@@ -8,14 +8,13 @@ from pathlib import Path
 import torch
 
 from .adapter import VeraAdapter, load_adapter
-from .config import CONFIG_NAME
 from .errors import VeraExportError, counted
 from .io.index import ShardedTensorIndex
 from .io.locations import Kind, locate
 from .options import InspectOptions, Rounding
 from .plan import build_plan
 from .projections import generate_projections
-from .provenance import Record, describe, read_record, same_adapter
+from .provenance import Record, checkpoint_record, describe_adapter
 from .reports import JsonFields
 from .targets import incompatibilities, linear_weights, match_layers, untrained_targets
 
@@ -216,19 +215,17 @@ def _regeneration_match(adapter: VeraAdapter) -> str | None:
 def _base_record(report: InspectReport, adapter: VeraAdapter, index: ShardedTensorIndex) -> None:
     """The base's record, and a problem when it says this adapter is merged in already (merge would refuse)."""
     try:
-        record = read_record(index.root, index.metadata(index.shards[0]) if index.shards else None)
+        record = checkpoint_record(index)
     except VeraExportError as exc:
         report.warnings.append(str(exc))
         return
     if record is None:
         return
     report.base_record = record.to_json()
-    if adapter.weights_file is not None:
-        this = describe(adapter.path, [CONFIG_NAME, adapter.weights_file.name])
-        if any(same_adapter(this, r) for r in record.adapters):
-            report.problems.append(
-                f"{index.root} records this adapter as merged in already; merge refuses it (--ignore-record)"
-            )
+    if record.lists(describe_adapter(adapter)):
+        report.problems.append(
+            f"{index.root} records this adapter as merged in already; merge refuses it (--ignore-record)"
+        )
 
 
 def _against_base(report: InspectReport, adapter: VeraAdapter, location: str | Path) -> None:

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from .adapter import VeraAdapter, load_adapter
-from .config import CONFIG_NAME
 from .errors import CheckpointError, IncompatibleAdapterError, SetupError, counted, listing
 from .fold import fold
 from .io.header import TensorInfo
@@ -37,9 +36,9 @@ from .provenance import (
     METADATA_KEY,
     BaseDigests,
     Record,
-    describe,
+    checkpoint_record,
+    describe_adapter,
     next_record,
-    read_record,
     write_record,
 )
 from .reports import JsonFields, duration
@@ -193,7 +192,7 @@ def _rewrite(
 ) -> MergeReport:
     started = time.perf_counter()
     index = ShardedTensorIndex.from_dir(source)
-    carried = read_record(source, index.metadata(index.shards[0]) if index.shards else None)
+    carried = checkpoint_record(index)
     has_config = read_model_config(source) is not None  # the output must load with from_pretrained
     plan = build_plan(adapters, index.tensors, rounding)
     plan.check_foldable(index.tensors)
@@ -210,7 +209,7 @@ def _rewrite(
             f"be recovered from the merged checkpoint; they are kept as merged: {', '.join(sorted(plan.replacements))}"
         )
     replacements = plan.replacements if alpha > 0 else {}
-    described = [describe(a.path, [CONFIG_NAME, a.weights_file.name]) for a in adapters if a.weights_file]
+    described = [entry for a in adapters if (entry := describe_adapter(a)) is not None]
     record = None
     if alpha > 0 or carried is not None:
         record = next_record(source, carried, described, alpha, ignore_record)

@@ -20,10 +20,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .config import CONFIG_NAME
 from .errors import CheckpointError, IncompatibleAdapterError, quoted
-from .io.index import INDEX_NAME
+from .io.hub import snapshot_origin
+from .io.index import INDEX_NAME, ShardedTensorIndex
+
+if TYPE_CHECKING:
+    from .adapter import VeraAdapter
 
 RECORD_NAME = "vera_export.json"
 METADATA_KEY = "vera_export"
@@ -43,28 +48,24 @@ def tool_version() -> str:
         return "unknown"
 
 
-def hub_origin(directory: Path) -> tuple[str, str] | None:
-    """`(org/name, commit)` when `directory` is a snapshot of the Hugging Face cache, else None."""
-    snapshots, repo = directory.parent, directory.parent.parent
-    if snapshots.name == "snapshots" and repo.name.startswith("models--"):
-        return repo.name.removeprefix("models--").replace("--", "/"), directory.name
-    return None
-
-
 def describe(directory: Path, files: Iterable[str]) -> dict[str, Any]:
     """Where an input came from and the SHA-256 of each of `files` (names relative to `directory`)."""
-    entry: dict[str, Any] = {"location": str(directory)}
-    origin = hub_origin(directory)
-    if origin is not None:
-        entry["hub_id"], entry["revision"] = origin
+    entry: dict[str, Any] = {"location": str(directory), **_hub_fields(directory)}
     entry["sha256"] = {name: file_digest(directory / name) for name in sorted(files)}
     return entry
+
+
+def describe_adapter(adapter: VeraAdapter) -> dict[str, Any] | None:
+    """`describe` of an adapter's config and weights file; None for one not read from files."""
+    if adapter.weights_file is None:
+        return None
+    return describe(adapter.path, [CONFIG_NAME, adapter.weights_file.name])
 
 
 def file_digest(path: Path) -> str:
     """The file's SHA-256: in a Hub cache snapshot, read off the blob name when it is one (large files are stored
     under their SHA-256 there), else computed."""
-    if path.is_symlink() and hub_origin(path.parent) is not None:  # a file of a Hub cache snapshot
+    if path.is_symlink() and snapshot_origin(path.parent) is not None:  # a file of a Hub cache snapshot
         blob = Path(os.readlink(path))
         if (
             blob.parent.name == "blobs"
@@ -115,6 +116,10 @@ class Record:
         shallow["base"] = {k: v for k, v in self.base.items() if k != "sha256"}
         return json.dumps(shallow, separators=(",", ":"), sort_keys=True)
 
+    def lists(self, entry: dict[str, Any] | None) -> bool:
+        """Whether the adapter `entry` (from `describe_adapter`) is among the adapters merged in."""
+        return entry is not None and any(same_adapter(entry, a) for a in self.adapters)
+
     def summary(self) -> str:
         names = ", ".join(_name(a) for a in self.adapters) or "none"
         return f"base {_name(self.base)}; adapters merged in: {names} (vera-export {self.version})"
@@ -153,6 +158,11 @@ def read_record(directory: Path, shard_metadata: dict[str, str] | None = None) -
             f"{directory}: the shard metadata's {METADATA_KEY!r} record is not JSON; re-save the checkpoint"
         ) from None
     return _parse(directory, raw)
+
+
+def checkpoint_record(index: ShardedTensorIndex) -> Record | None:
+    """`read_record` of a checkpoint: its `vera_export.json`, else its first shard's metadata."""
+    return read_record(index.root, index.metadata(index.shards[0]) if index.shards else None)
 
 
 def _parse(where: Path, raw: Any) -> Record:
@@ -233,7 +243,7 @@ def next_record(
 
 
 def _hub_fields(directory: Path) -> dict[str, str]:
-    origin = hub_origin(directory)
+    origin = snapshot_origin(directory)
     return {} if origin is None else {"hub_id": origin[0], "revision": origin[1]}
 
 

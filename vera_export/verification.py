@@ -25,7 +25,6 @@ import torch
 
 from .adapter import VeraAdapter, load_adapter
 from .checks import Check
-from .config import CONFIG_NAME
 from .errors import CheckpointError, counted, listing
 from .io.index import ShardedTensorIndex
 from .io.loader import LazyTensorLoader, same_bytes
@@ -35,7 +34,7 @@ from .options import VerifyOptions
 from .plan import LayerDelta, build_plan, pin_projections
 from .precision import all_finite, compute_dtype, gamma, ulp
 from .progress import progress_bar
-from .provenance import Record, describe, read_record, same_adapter
+from .provenance import Record, checkpoint_record, describe_adapter
 from .reports import JsonFields
 
 PROBES = 4
@@ -137,7 +136,7 @@ def _read_record(
     """Show the merged checkpoint's record, and warn where it disagrees with the adapters given (the numbers,
     not the record, decide the verdict)."""
     try:
-        record = read_record(merged, index.metadata(index.shards[0]) if index.shards else None)
+        record = checkpoint_record(index)
     except CheckpointError as exc:
         report.warnings.append(str(exc))
         return
@@ -145,12 +144,7 @@ def _read_record(
         return
     report.record = record.to_json()
     unlisted = [
-        str(a.path)
-        for a in adapters
-        if a.weights_file is not None
-        and not any(
-            same_adapter(r, describe(a.path, [CONFIG_NAME, a.weights_file.name])) for r in record.adapters
-        )
+        str(a.path) for a in adapters if a.weights_file is not None and not record.lists(describe_adapter(a))
     ]
     if unlisted:
         report.warnings.append(

@@ -21,6 +21,14 @@ def is_hub_id(text: str) -> bool:
     return _HUB_ID.fullmatch(text) is not None and ".." not in text.split("@")[0]
 
 
+def snapshot_origin(directory: Path) -> tuple[str, str] | None:
+    """`(org/name, commit)` when `directory` is a snapshot of the Hugging Face cache, else None."""
+    snapshots, repo = directory.parent, directory.parent.parent
+    if snapshots.name == "snapshots" and repo.name.startswith(_CACHE_PREFIX):
+        return repo.name.removeprefix(_CACHE_PREFIX).replace("--", "/"), directory.name
+    return None
+
+
 def is_cache_repository(path: Path) -> bool:
     """Whether `path` is a repository folder of the Hub cache (`models--org--name`, with `snapshots/`)."""
     return path.name.startswith(_CACHE_PREFIX) and (path / "snapshots").is_dir()
