@@ -64,9 +64,8 @@ def outputs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Te
 
 
 ALL_ADAPTERS = list(ADAPTERS)
-# Adapters whose trained copy of a tied tensor a checkpoint cannot hold: merged in memory, refused on disk.
-TIED_COPIES = ["llama-tied-embed"]
-MERGEABLE_ADAPTERS = [name for name in ADAPTERS if name not in TIED_COPIES]
+# Adapters that change one side of a tied pair: the merge stores both tensors, untied.
+UNTYING_ADAPTERS = ["llama-tied-embed", "llama-tied-lmhead", "llama-gen-tied-head"]
 ALL_BASES = list(BASES)
 
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import ALL_ADAPTERS, adapter_dir, base_dir, load_base, load_peft, outputs, sample_inputs
+from tests.helpers import (
+    ALL_ADAPTERS,
+    UNTYING_ADAPTERS,
+    adapter_dir,
+    base_dir,
+    load_base,
+    load_peft,
+    outputs,
+    sample_inputs,
+)
 from vera_export import apply_vera, merge_into, unmerge_from
 from vera_export.layers import VeraLinear
 
@@ -82,3 +91,17 @@ def test_stored_projections_stay_as_stored_on_a_16_bit_base(fixture_root) -> Non
     torch.testing.assert_close(outputs(ours, inputs), outputs(peft_model, inputs), rtol=0, atol=0)
     stored = peft_model.base_model.vera_A["a0"]
     assert not torch.equal(stored, stored.bfloat16().float())  # really not rounded, so the test can tell
+
+
+@pytest.mark.parametrize("name", UNTYING_ADAPTERS)
+def test_merge_into_unties_what_the_adapter_changes_and_saves_both(fixture_root, tmp_path, name: str) -> None:
+    """A tied head's delta is the head's alone (as in PEFT's forward, not its merge_and_unload); the config says
+    so, so that save_pretrained stores both tensors and from_pretrained does not tie them again."""
+    base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
+    merged = merge_into(load_base(base), [adapter])
+    assert merged.lm_head.weight is not merged.model.embed_tokens.weight
+    assert merged.config.tie_word_embeddings is False
+    merged.save_pretrained(tmp_path / "out")
+    inputs = sample_inputs(merged.config.vocab_size)
+    expected = outputs(load_peft(base, [adapter]), inputs)
+    torch.testing.assert_close(outputs(load_base(tmp_path / "out"), inputs), expected, rtol=1e-5, atol=1e-5)

@@ -17,6 +17,7 @@ from vera_export import AdapterError, OutputError, ToLoraOptions, load_adapter
 from vera_export.io.index import ShardedTensorIndex
 from vera_export.lora import balance, exact_lora_factors, server_warnings, to_lora
 from vera_export.plan import build_plan
+from vera_export.tying import untie
 
 WEIGHTS = "adapter_model.safetensors"
 # Largest output difference, relative to the largest output, by (base dtype, LoRA dtype). PEFT runs both adapters
@@ -44,7 +45,8 @@ def _load_lora(base: Path, lora: Path) -> torch.nn.Module:
 
 def _exact_deltas(base: Path, adapter: Path) -> dict[str, tuple[torch.Tensor, object]]:
     """Module -> (delta_W in [out, in] layout, float64, exact up to float64 summation; its LayerDelta)."""
-    plan = build_plan([load_adapter(adapter)], ShardedTensorIndex.from_dir(base).tensors)
+    vera = load_adapter(adapter)
+    plan = build_plan([vera], untie(base, ShardedTensorIndex.from_dir(base), [vera]).index.tensors)
     deltas = {}
     for (delta,) in plan.deltas.values():
         left, right = delta.factors()
@@ -73,6 +75,7 @@ def _factors(lora: Path, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         ("gpt2-all-bias", torch.bfloat16),
         ("bert-cls", torch.float32),
         ("bert-cls", torch.float16),
+        ("llama-tied-lmhead", torch.float32),
     ],
 )
 def test_lora_adapter_reproduces_vera_in_peft(fixture_root, tmp_path, name: str, dtype: torch.dtype) -> None:
@@ -100,7 +103,7 @@ def test_lora_adapter_reproduces_vera_in_peft(fixture_root, tmp_path, name: str,
 
 
 @pytest.mark.parametrize(
-    "name", ["gpt2-attn", "bert-cls", "llama-layers", "llama-all-noproj", "llama-lmhead"]
+    "name", ["gpt2-attn", "bert-cls", "llama-layers", "llama-all-noproj", "llama-lmhead", "llama-tied-lmhead"]
 )
 def test_config_is_plain_lora_with_scaling_one(fixture_root, tmp_path, name: str) -> None:
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
@@ -146,7 +149,9 @@ def test_a_regex_target_drops_the_layer_filters_peft_lora_refuses_next_to_it(fix
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["llama-qv", "gpt2-attn", "llama-bf16-all", "llama-lmhead"])
+@pytest.mark.parametrize(
+    "name", ["llama-qv", "gpt2-attn", "llama-bf16-all", "llama-lmhead", "llama-tied-lmhead"]
+)
 def test_factors_equal_the_vera_delta_up_to_one_rounding(fixture_root, tmp_path, name: str, dtype) -> None:
     """lora_A is the projection scaled by a power of two per row, lora_B carries both lambdas; each is rounded once
     to `dtype`, so every element of lora_B @ lora_A is within the propagated rounding bound of the exact delta

@@ -13,8 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import (
-    MERGEABLE_ADAPTERS,
-    TIED_COPIES,
+    ALL_ADAPTERS,
+    UNTYING_ADAPTERS,
     adapter_dir,
     base_dir,
     load_base,
@@ -23,7 +23,6 @@ from tests.helpers import (
     sample_inputs,
 )
 from vera_export import (
-    IncompatibleAdapterError,
     MergeOptions,
     UnmergeOptions,
     load_adapter,
@@ -34,15 +33,18 @@ from vera_export import (
 from vera_export.io.index import ShardedTensorIndex
 from vera_export.plan import build_plan
 from vera_export.precision import ulp
+from vera_export.tying import untie
 
 QUIET = MergeOptions(progress=False)
 
 
-def _tensors(model_dir) -> dict[str, torch.Tensor]:
+def _tensors(model_dir, aliases: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint; with `aliases` (`Untying.aliases`), a tied pair stored once under both names."""
     index = ShardedTensorIndex.from_dir(model_dir)
     tensors = {}
     for shard in index.shards:
         tensors.update(load_file(shard))
+    tensors.update({alias: tensors[stored] for alias, stored in (aliases or {}).items()})
     return tensors
 
 
@@ -58,13 +60,17 @@ def _exact_merged(base: dict[str, torch.Tensor], plan) -> dict[str, torch.Tensor
     return exact
 
 
-@pytest.mark.parametrize("name", MERGEABLE_ADAPTERS)
+@pytest.mark.parametrize("name", ALL_ADAPTERS)
 def test_merge_layout_and_one_ulp_rule(fixture_root, tmp_path, name: str) -> None:
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
     report = merge(base, [adapter], tmp_path / "out", QUIET)
     out = tmp_path / "out"
-    base_index, out_index = ShardedTensorIndex.from_dir(base), ShardedTensorIndex.from_dir(out)
-    # Same shard split, tensor order, dtypes and shapes; the format metadata transformers expects.
+    loaded = load_adapter(adapter)
+    untying = untie(base, ShardedTensorIndex.from_dir(base), [loaded])
+    assert bool(untying.aliases) == (name in UNTYING_ADAPTERS)
+    base_index, out_index = untying.index, ShardedTensorIndex.from_dir(out)
+    # Same shard split, tensor order, dtypes and shapes (a tied pair the adapter unties stored twice, side by side);
+    # the format metadata transformers expects.
     assert [s.name for s in out_index.shards] == [s.name for s in base_index.shards]
     for shard in base_index.shards:
         assert [(i.name, i.dtype, i.shape) for i in out_index.shard_tensors(shard.name)] == [
@@ -81,9 +87,12 @@ def test_merge_layout_and_one_ulp_rule(fixture_root, tmp_path, name: str) -> Non
         p.name for p in out.iterdir()
     }
 
-    loaded = load_adapter(adapter)
+    config = json.loads((base / "config.json").read_text())
+    if untying.tied:
+        config["tie_word_embeddings"] = False
+    assert json.loads((out / "config.json").read_text()) == config
     plan = build_plan([loaded], base_index.tensors)
-    before, after = _tensors(base), _tensors(out)
+    before, after = _tensors(base, untying.aliases), _tensors(out)
     exact = _exact_merged(before, plan)
     assert sorted(report.folded) == sorted(plan.deltas) and sorted(report.replaced) == sorted(
         plan.replacements
@@ -99,11 +108,11 @@ def test_merge_layout_and_one_ulp_rule(fixture_root, tmp_path, name: str) -> Non
             assert torch.equal(value, before[key]), key  # untouched tensors are copied byte for byte
 
 
-@pytest.mark.parametrize("name", MERGEABLE_ADAPTERS)
+@pytest.mark.parametrize("name", ALL_ADAPTERS)
 def test_merged_checkpoint_reproduces_peft(fixture_root, tmp_path, name: str) -> None:
     """The merged checkpoint loads with transformers and matches PEFT's unmerged and merged models."""
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
-    merge(base, [adapter], tmp_path / "out", QUIET)
+    report = merge(base, [adapter], tmp_path / "out", QUIET)
     merged = load_base(tmp_path / "out")
     peft_model = load_peft(base, [adapter])
     inputs = sample_inputs(merged.config.vocab_size)
@@ -116,9 +125,15 @@ def test_merged_checkpoint_reproduces_peft(fixture_root, tmp_path, name: str) ->
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_merged = peft_model.merge_and_unload()
-    ours, before = _tensors(tmp_path / "out"), _tensors(base)
+    # PEFT folds a tied head's delta into the tensor it shares with the input embedding (and warns that this "can
+    # lead to complications"); the merge here keeps the embedding as PEFT's forward uses it, compared above.
+    aliases = untie(base, ShardedTensorIndex.from_dir(base), [load_adapter(adapter)]).aliases
+    shared = {stored for alias, stored in aliases.items() if alias in report.folded}
+    ours, before = _tensors(tmp_path / "out"), _tensors(base, aliases)
     for key, value in peft_merged.state_dict().items():
-        if key in ours and ours[key].is_floating_point():
+        if key in shared:
+            assert torch.equal(ours[key], before[key]), key
+        elif key in ours and ours[key].is_floating_point():
             # Each element agrees with PEFT's merge up to the rounding PEFT adds: a few roundoffs of the delta.
             eps = torch.finfo(value.dtype).eps
             delta = (ours[key].double() - before[key].double()).abs().max().item()
@@ -260,9 +275,35 @@ def test_shards_in_subdirectories_keep_their_paths(fixture_root, tmp_path) -> No
     assert expected.folded == report.folded
 
 
-@pytest.mark.parametrize("name", TIED_COPIES)
-def test_a_trained_copy_of_a_tied_tensor_is_refused_on_disk(fixture_root, tmp_path, name: str) -> None:
-    """PEFT's model embeds with the trained copy and keeps the original head; a tied checkpoint stores one tensor."""
-    with pytest.raises(IncompatibleAdapterError, match="ties to lm_head.weight"):
-        merge(base_dir(fixture_root, name), [adapter_dir(fixture_root, name)], tmp_path / "out", QUIET)
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("name", UNTYING_ADAPTERS)
+def test_a_merge_that_unties_says_so(fixture_root, tmp_path, name: str) -> None:
+    """The output stores both sides of the pair and its config no longer ties them, so that transformers loads
+    each (a tied config would load the embedding into the head, dropping the head's delta); the user is told."""
+    base = base_dir(fixture_root, name)
+    report = merge(base, [adapter_dir(fixture_root, name)], tmp_path / "out", QUIET)
+    assert json.loads((base / "config.json").read_text())["tie_word_embeddings"] is True
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    (note,) = [w for w in report.warnings if "tied" in w]
+    assert "lm_head.weight" in note and "model.embed_tokens.weight" in note
+    merged = load_base(tmp_path / "out")
+    assert merged.lm_head.weight is not merged.model.embed_tokens.weight
+
+
+def test_unmerge_of_a_tied_checkpoint_that_peft_merged_subtracts_from_the_shared_tensor(
+    fixture_root, tmp_path
+) -> None:
+    """PEFT's merge_and_unload of a tied head folds the delta into the one stored tensor; unmerging it takes the
+    delta out of that tensor again and keeps the pair tied."""
+    name = "llama-tied-lmhead"
+    base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_peft(base, [adapter]).merge_and_unload().save_pretrained(tmp_path / "peft")
+    assert set(_tensors(tmp_path / "peft")) == set(_tensors(base))  # stored once, still tied
+    report = unmerge(tmp_path / "peft", [adapter], tmp_path / "out", UnmergeOptions(progress=False))
+    assert report.folded == ["model.embed_tokens.weight"] + [n for n in report.folded if "q_proj" in n]
+    original, restored, merged = _tensors(base), _tensors(tmp_path / "out"), _tensors(tmp_path / "peft")
+    key = "model.embed_tokens.weight"
+    assert not torch.equal(merged[key], original[key])
+    torch.testing.assert_close(restored[key], original[key], rtol=0, atol=4 * torch.finfo(torch.float32).eps)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True

@@ -19,7 +19,9 @@ FULL = VerifyOptions(full_model=True, progress=False)
 LAYERS = VerifyOptions(full_model=False, progress=False)
 
 
-@pytest.mark.parametrize("name", ["llama-qv", "llama-bf16-all", "gpt2-attn", "bert-cls", "llama-fp16-qv"])
+@pytest.mark.parametrize(
+    "name", ["llama-qv", "llama-bf16-all", "gpt2-attn", "bert-cls", "llama-fp16-qv", "llama-tied-lmhead"]
+)
 def test_verify_passes_our_merge(fixture_root, tmp_path, name: str) -> None:
     base, adapter = base_dir(fixture_root, name), adapter_dir(fixture_root, name)
     merge(base, [adapter], tmp_path / "out", QUIET)

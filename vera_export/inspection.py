@@ -17,6 +17,7 @@ from .projections import generate_projections
 from .provenance import Record, checkpoint_record, describe_adapter
 from .reports import JsonFields
 from .targets import incompatibilities, linear_weights, match_layers, untrained_targets
+from .tying import untie
 
 
 @dataclass
@@ -231,7 +232,8 @@ def _base_record(report: InspectReport, adapter: VeraAdapter, index: ShardedTens
 def _against_base(report: InspectReport, adapter: VeraAdapter, location: str | Path) -> None:
     report.base = Path(location)
     try:
-        index = ShardedTensorIndex.from_dir(locate(location, Kind.BASE))
+        base = locate(location, Kind.BASE)
+        index = untie(base, ShardedTensorIndex.from_dir(base), [adapter]).index
     except VeraExportError as exc:
         report.problems.append(str(exc))
         return

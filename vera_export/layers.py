@@ -172,6 +172,7 @@ def _fold_in_place(model: nn.Module, plan: Plan, alpha: float) -> None:
     plan.check_foldable(model.state_dict(keep_vars=True))
     if alpha > 0:
         plan.check_base_copies(model.state_dict())
+        untie(model, plan.deltas)  # a tied head's delta is the head's alone, as in PEFT's forward
     for name, deltas in plan.deltas.items():
         weight = model.get_parameter(name)
         try:
@@ -195,6 +196,17 @@ def untie(model: nn.Module, names: Iterable[str]) -> None:
             setattr(
                 module, attribute, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
             )
+            _untie_config(getattr(model, "config", None))
+
+
+def _untie_config(config: object) -> None:
+    """Say so in the model's config, so that `save_pretrained` stores both tensors and loading does not tie them
+    again (a multimodal model's text config included)."""
+    if config is None:
+        return
+    for part in (config, *(getattr(config, key) for key in ("text_config",) if hasattr(config, key))):
+        if hasattr(part, "tie_word_embeddings"):
+            part.tie_word_embeddings = False
 
 
 def _copy_replacements(model: nn.Module, plan: Plan) -> None:

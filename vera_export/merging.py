@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .adapter import VeraAdapter, load_adapter
-from .errors import CheckpointError, IncompatibleAdapterError, SetupError, counted, listing
+from .errors import CheckpointError, SetupError, counted, listing
 from .fold import fold
 from .io.header import TensorInfo
 from .io.index import INDEX_NAME, ShardedTensorIndex
@@ -29,7 +29,7 @@ from .io.side_files import side_files
 from .io.streams import BackgroundSink, prefetch
 from .io.writer import SafetensorsWriter, write_index
 from .options import MergeOptions, Rounding, UnmergeOptions, VerifyOptions
-from .plan import LayerDelta, Plan, build_plan
+from .plan import LayerDelta, build_plan
 from .precision import all_finite
 from .progress import progress_bar
 from .provenance import (
@@ -42,6 +42,7 @@ from .provenance import (
     write_record,
 )
 from .reports import JsonFields, duration
+from .tying import untie, write_untied_config
 from .verification import VerifyReport, verify
 
 
@@ -194,13 +195,20 @@ def _rewrite(
     index = ShardedTensorIndex.from_dir(source)
     carried = checkpoint_record(index)
     has_config = read_model_config(source) is not None  # the output must load with from_pretrained
-    plan = build_plan(adapters, index.tensors, rounding)
-    plan.check_foldable(index.tensors)
+    untying = untie(source, index, adapters)
+    plan = build_plan(adapters, untying.index.tensors, rounding)
+    plan.check_foldable(untying.index.tensors)
     if alpha > 0:
-        plan.check_base_copies(index.tensors)
-    if alpha > 0 and plan.replacements:
-        _refuse_tied_replacements(source, plan)
+        plan.check_base_copies(untying.index.tensors)
+        index = untying.index
+    else:
+        # A tied checkpoint merged by PEFT holds the head's delta in the shared tensor: subtract it there.
+        for alias, stored in untying.aliases.items():
+            if alias in plan.deltas:
+                plan.deltas[stored] = plan.deltas.pop(alias)
     report = MergeReport(command, output, [str(a.path) for a in adapters], warnings=list(plan.warnings))
+    if alpha > 0:
+        report.warnings.extend(untying.notes())
     if not has_config:
         report.warnings.append(f"{source} has no config.json: the output will not load with from_pretrained")
     if alpha < 0 and plan.replacements:
@@ -233,6 +241,8 @@ def _rewrite(
         if index.is_sharded:
             write_index(staging / INDEX_NAME, index.weight_map, index.index_metadata or {}, fsync)
         side.copy(staging)
+        if alpha > 0 and untying.tied:
+            write_untied_config(staging)
         if record is not None:
             if digests is not None:
                 record.base["sha256"] = digests.join()
@@ -312,26 +322,6 @@ def rewrite_tensors(
         report.warnings.append(
             f"{counted(len(nonfinite), 'adapted weight')} of the base hold NaN or Inf, kept where they are (the sum is "
             f"not finite there either): {listing(nonfinite, 5)}"
-        )
-
-
-def _refuse_tied_replacements(source: Path, plan: Plan) -> None:
-    """A trained copy of a tied tensor (an input embedding in `modules_to_save`, tied to the output head) replaces
-    it only for its own module in PEFT; a checkpoint that stores the pair once cannot say that."""
-    from .modeling import (
-        tied_partners,
-    )  # transformers takes seconds to import: only when tensors are replaced
-
-    try:
-        tied = tied_partners(source, plan.replacements)
-    except CheckpointError:
-        return  # an architecture transformers does not know: nothing ties its tensors when it is loaded either
-    if tied:
-        name, partners = next(iter(tied.items()))
-        raise IncompatibleAdapterError(
-            f"the adapter trains {name}, which this model ties to {', '.join(partners)} (tie_word_embeddings); PEFT "
-            f"uses the trained copy for {name} only, which a tied checkpoint cannot hold - save the base with "
-            f"tie_word_embeddings false (both tensors stored) and merge that"
         )
 
 

@@ -36,6 +36,7 @@ from .precision import all_finite, compute_dtype, gamma, ulp
 from .progress import progress_bar
 from .provenance import Record, checkpoint_record, describe_adapter
 from .reports import JsonFields
+from .tying import untie
 
 PROBES = 4
 SIGMAS = 8.0
@@ -96,7 +97,8 @@ def verify(
     base, merged = locate(base, Kind.BASE), locate(merged, Kind.MERGED)
     loaded = [load_adapter(a, options.allow_pickle) for a in adapters]
     full_model = options.full_model
-    base_index, merged_index = ShardedTensorIndex.from_dir(base), ShardedTensorIndex.from_dir(merged)
+    merged_index = ShardedTensorIndex.from_dir(merged)
+    base_index = untie(base, ShardedTensorIndex.from_dir(base), loaded).index
     report = VerifyReport()
     _read_record(merged, merged_index, loaded, report)
     report.checks.append(_check_structure(base_index, merged_index))

@@ -44,6 +44,24 @@ def test_sharded_dir_indexes_and_loads_every_tensor(sharded_dir):
         index.shard_tensors("model-00003-of-00003.safetensors")
 
 
+def test_an_alias_reads_its_tensor_s_bytes_right_after_it(sharded_dir):
+    """A tied pair stored once, seen as two tensors: the alias sits after its tensor in the same shard, reads the
+    same bytes, and the index's weight map lists it there; the original index is left as it was."""
+    model_dir, shards = sharded_dir
+    index = ShardedTensorIndex.from_dir(model_dir)
+    shard = index.shards[1]
+    first, *rest = [info.name for info in index.shard_tensors(shard)]
+    aliased = index.with_aliases({"head.weight": first})
+    assert [i.name for i in aliased.shard_tensors(shard)] == [first, "head.weight", *rest]
+    assert aliased.weight_map["head.weight"] == shard.name and "head.weight" not in index.tensors
+    assert [i.name for i in aliased.shard_tensors(index.shards[0])] == [
+        i.name for i in index.shard_tensors(index.shards[0])
+    ]
+    with LazyTensorLoader() as loader:
+        assert_same_bits(loader.load(aliased.tensors["head.weight"]), shards[shard.name][first])
+    assert index.with_aliases({}) is index
+
+
 def test_single_file_dir_and_adapter_file(tmp_path, source):
     model_dir = tmp_path / "single"
     model_dir.mkdir()

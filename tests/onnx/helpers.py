@@ -53,6 +53,9 @@ EXPORT_SPECS = {
     "bert-features": ExportSpec("bert-cls", ("bert-cls",), "adapter", task="feature-extraction"),
     # A trained copy of the embedding that the base ties to lm_head: the head must keep the original.
     "llama-tied-adapter": ExportSpec("llama-tied-embed", ("llama-tied-embed",), "adapter"),
+    # The head adapted where the base ties it to the embedding: the embedding must keep the original.
+    "llama-tied-head-merged": ExportSpec("llama-tied-lmhead", ("llama-tied-lmhead",), "merged"),
+    "llama-tied-head-adapter": ExportSpec("llama-tied-lmhead", ("llama-tied-lmhead",), "adapter"),
 }
 ADAPTER_EXPORTS = [key for key, spec in EXPORT_SPECS.items() if spec.mode == "adapter"]
 

@@ -25,7 +25,7 @@ def test_module_and_stem_names_map_both_ways() -> None:
         "q_proj",
     )
     assert split_module("model.layers.3.mlp.down_proj")[1:] == ("/model/layers.3/mlp", "down_proj")
-    assert split_module("lm_head") is None and split_module("model.embed_tokens") is None
+    assert split_module("lm_head") == ("", "", "lm_head") and split_module("model.embed_tokens") is None
     assert split_stem("/model/layers.3/attn/qkv_proj") == ("model.layers.3.self_attn.", "qkv_proj")
     assert split_stem("/lm_head") == ("", "lm_head") and split_stem("/model/embed_tokens/Gather") is None
 
@@ -53,6 +53,14 @@ def test_phi3s_packed_gate_up_is_split_by_the_builder(packages: Packages) -> Non
     ]
     up = slots(values, "/model/layers.1/mlp/up_proj", shapes)
     assert [(s.parameter, s.rows) for s in up] == [("model.layers.1.mlp.gate_up_proj.weight", slice(96, 192))]
+
+
+def test_the_head_is_the_graph_s_logits(packages: Packages) -> None:
+    """The builder's `/lm_head/MatMul` writes the graph output `logits` directly, tied to the embedding or not."""
+    for key in (("llama-gen-qv", "merged", "fp32"), ("llama-gen-tied-head", "adapter", "int4")):
+        values, shapes = _graph(packages, key)
+        (piece,) = pieces(values, "lm_head", 256, shapes)
+        assert piece.output.producer().name.startswith("/lm_head/MatMul") and width(piece.output) == 256
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,8 @@ from vera_export.onnx import generation
 from vera_export.onnx.manifest import Manifest
 
 NEW_TOKENS = 16
-# Every architecture in both modes at fp32; every precision on Llama's packed q/k/v and on Phi-3's packed modules.
+# Every architecture in both modes at fp32; every precision on Llama's packed q/k/v and on Phi-3's packed modules;
+# a tied head adapted (its branch on the logits output; in int4 the embedding reads the head's codes).
 CASES = [
     ("llama-gen-qv", "adapter", "fp32"),
     ("llama-gen-qv", "merged", "fp32"),
@@ -31,6 +32,9 @@ CASES = [
     ("llama-gen-all", "adapter", "int4"),
     ("llama-gen-all", "merged", "int4"),
     ("llama-gen-bf16-all", "adapter", "fp32"),
+    ("llama-gen-tied-head", "adapter", "fp32"),
+    ("llama-gen-tied-head", "adapter", "int4"),
+    ("llama-gen-tied-head", "merged", "fp32"),
     ("qwen2-kv", "adapter", "fp32"),
     ("qwen2-kv", "merged", "fp16"),
     ("mistral-all", "adapter", "fp32"),
@@ -101,6 +105,8 @@ def test_package_is_verified_in_genai(packages: Packages, adapter: str, mode: st
     [
         ("llama-gen-qv", "adapter"),
         ("llama-gen-qv", "merged"),
+        ("llama-gen-tied-head", "adapter"),
+        ("llama-gen-tied-head", "merged"),
         ("mistral-all", "adapter"),
         ("phi3-packed", "adapter"),
     ],

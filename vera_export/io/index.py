@@ -6,7 +6,9 @@ where every tensor lives, and `loader.LazyTensorLoader` reads them one at a time
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
 from ..errors import CheckpointError, listing, quoted
@@ -148,6 +150,25 @@ class ShardedTensorIndex:
     def shard_tensors(self, shard: str | os.PathLike[str]) -> list[TensorInfo]:
         """The tensors of one shard (a path from `shards`, or its file name), in file order."""
         return list(self._headers[self._shard(shard)][0].values())
+
+    def with_aliases(self, aliases: Mapping[str, str]) -> ShardedTensorIndex:
+        """A copy in which each new name of `aliases` is a tensor of its own that reads the bytes of the stored one
+        it maps to, placed right after it in its shard: a checkpoint that stores a tied pair once, seen as storing
+        both (see `tying`)."""
+        if not aliases:
+            return self
+        after: dict[str, list[str]] = {}
+        for alias, stored in aliases.items():
+            after.setdefault(stored, []).append(alias)
+        headers = {}
+        for shard, (tensors, metadata) in self._headers.items():
+            entries = {}
+            for name, info in tensors.items():
+                entries[name] = info
+                for alias in after.get(name, []):
+                    entries[alias] = dataclasses.replace(info, name=alias)
+            headers[shard] = (entries, metadata)
+        return ShardedTensorIndex(headers, self.index_metadata, self.root)
 
     def metadata(self, shard: str | os.PathLike[str]) -> dict[str, str]:
         """The ``__metadata__`` of one shard (a path from `shards`, or its file name)."""

@@ -19,11 +19,14 @@ PACKINGS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_p
 # Module scope in the model -> in the builder's node names.
 _SCOPES = {"self_attn": "attn", "mlp": "mlp"}
 _MATMULS = ("MatMul", "MatMulNBits")
+LOGITS = "logits"
 
 
 def split_module(module: str) -> tuple[str, str, str] | None:
-    """`model.layers.3.self_attn.q_proj` -> (`model.layers.3.self_attn.`, `/model/layers.3/attn`, `q_proj`); None
-    for a module outside the decoder layers' attention and MLP."""
+    """`model.layers.3.self_attn.q_proj` -> (`model.layers.3.self_attn.`, `/model/layers.3/attn`, `q_proj`);
+    `lm_head` -> (``, ``, `lm_head`); None for any other module outside the decoder layers' attention and MLP."""
+    if module == "lm_head":
+        return "", "", "lm_head"
     parts = module.split(".")
     if len(parts) != 5 or parts[:2] != ["model", "layers"] or parts[3] not in _SCOPES:
         return None
@@ -42,9 +45,13 @@ def split_stem(stem: str) -> tuple[str, str] | None:
 
 
 def projection(values: dict[str, ir.Value], scope: str, name: str) -> ir.Value | None:
-    """The output of projection `name` in `scope`, if the graph has one."""
+    """The output of projection `name` in `scope`, if the graph has one. The head's output is the graph's
+    `logits` itself."""
     output = values.get(f"{scope}/{name}/MatMul/output_0")
-    if output is None or output.producer() is None or output.producer().op_type not in _MATMULS:
+    if output is None and (scope, name) == ("", "lm_head"):
+        output = values.get(LOGITS)
+    node = None if output is None else output.producer()
+    if node is None or node.op_type not in _MATMULS or not node.name.startswith(f"{scope}/{name}/MatMul"):
         return None
     return output
 

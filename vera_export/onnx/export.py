@@ -26,6 +26,7 @@ from ..modeling import load_model, model_class
 from ..options import OnnxOptions, VerifyOnnxOptions
 from ..progress import stage_bar
 from ..reports import duration
+from ..tying import untie
 from ..verification import VerifyReport
 from . import generation
 from . import graph as passes
@@ -113,10 +114,9 @@ def export_onnx(
     started = time.perf_counter()
     base, output = locate(base, Kind.BASE), Path(output)
     mode, precision = MODES[options.mode], PRECISIONS[options.precision]
-    index = ShardedTensorIndex.from_dir(base)
-    resolution = mode.resolve(
-        index, [load_adapter(a, options.allow_pickle) for a in adapters], options.rounding
-    )
+    loaded = [load_adapter(a, options.allow_pickle) for a in adapters]
+    index = untie(base, ShardedTensorIndex.from_dir(base), loaded).index
+    resolution = mode.resolve(index, loaded, options.rounding)
     task = resolve_task(base, options.task)
     signature = mode.signature(task, precision.dtype)
     if task.generation:

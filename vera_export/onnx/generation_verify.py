@@ -201,15 +201,18 @@ def _reference(
     for the tensors they replace).
     """
     model = load_model(base, dtype)
+    # The adapters' saved copies of base weights were checked against the base when they were resolved; here a
+    # quantized head holds the graph's dequantized weights instead, which no copy equals.
+    adapters = [dataclasses.replace(cast_adapter(a, dtype), base_copies={}) for a in adapters]
     if weights:
         if merged:
-            model = merge_into(model, [cast_adapter(a, dtype) for a in adapters])
+            model = merge_into(model, adapters)
         untie(model, weights)  # a quantized head is no longer the (float) input embedding
         state = model.state_dict(keep_vars=True)
         for name, weight in weights.items():
             state[name].data.copy_(weight.to(dtype))
     if not (weights and merged):
-        model = apply_vera(model, [cast_adapter(a, dtype) for a in adapters])
+        model = apply_vera(model, adapters)
     outputs = []
     for item in decoded:
         logits = model(input_ids=item.fed).logits[0, len(item.prompt) - 1 :]

@@ -22,6 +22,9 @@ import torch
 from ..errors import CheckpointError
 from .builder_names import slots
 
+# The input embedding, as the model and as the builder's nodes name it.
+EMBEDDING, EMBEDDING_NODES = "model.embed_tokens.weight", "/model/embed_tokens/"
+
 
 def dequantize(node: ir.Node) -> torch.Tensor:
     """The float32 `[N, K]` weight of one 4-bit `MatMulNBits` node."""
@@ -59,6 +62,7 @@ def dequantized_weights(graph: ir.Graph, shapes: Mapping[str, tuple[int, ...]]) 
     values = {value.name: value for node in graph for value in node.outputs}
     weights: dict[str, torch.Tensor] = {}
     filled: dict[str, int] = {}
+    by_scales: dict[ir.Value, str] = {}
     for node in graph:
         if node.op_type != "MatMulNBits":
             continue
@@ -66,6 +70,8 @@ def dequantized_weights(graph: ir.Graph, shapes: Mapping[str, tuple[int, ...]]) 
         found = slots(values, stem, shapes)
         if found is None:
             raise CheckpointError(f"{stem}: a quantized projection whose module this tool cannot name")
+        if len(found) == 1:
+            by_scales[node.inputs[2]] = found[0].parameter
         weight = dequantize(node)
         for slot in found:
             shape = tuple(shapes[slot.parameter])
@@ -78,4 +84,11 @@ def dequantized_weights(graph: ir.Graph, shapes: Mapping[str, tuple[int, ...]]) 
         raise CheckpointError(
             f"{', '.join(partial[:3])}: only partly found in the graph's quantized projections"
         )
+    # A tied model's graph reads its input embedding from the head's codes and scales (GatherBlockQuantized): the
+    # embedding is the head's dequantized weight there.
+    for node in graph:
+        if node.op_type == "GatherBlockQuantized" and node.name.startswith(EMBEDDING_NODES):
+            head = by_scales.get(node.inputs[2])
+            if head is not None and tuple(shapes.get(EMBEDDING, ())) == tuple(weights[head].shape):
+                weights[EMBEDDING] = weights[head]
     return weights

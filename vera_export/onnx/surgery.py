@@ -186,10 +186,13 @@ class _Nodes:
         return self._node("Pad", [delta, pads], f"{stem}/Pad")
 
     def add_to(self, output: ir.Value, deltas: list[ir.Value]) -> None:
-        """Every reader of `output` reads `output + sum(deltas)` instead."""
-        if output in self.graph.outputs:
-            raise CheckpointError(f"{output.name} is a graph output; a VeRA branch cannot be added to it")
+        """Every reader of `output` reads `output + sum(deltas)` instead; a graph output (the head's `logits`)
+        becomes the sum, under the same name."""
         uses = list(output.uses())
+        graph_output = output in self.graph.outputs
+        if graph_output:
+            # The name the builder gives a projection's output, int4 (`MatMul_Q4`) or not: `.../MatMul/output_0`.
+            name, output.name = output.name, f"{output.producer().name.removesuffix('_Q4')}/output_0"
         stem = output.name.removesuffix("/output_0") + "/vera"
         total = deltas[0]
         for k, delta in enumerate(deltas[1:]):
@@ -197,3 +200,6 @@ class _Nodes:
         summed = self._node("Add", [output, total], f"{stem}/Add")
         for use in uses:
             use.node.replace_input_with(use.idx, summed)
+        if graph_output:
+            self.graph.outputs[self.graph.outputs.index(output)] = summed
+            summed.name, summed.type, summed.shape = name, output.type, output.shape

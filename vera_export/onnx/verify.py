@@ -29,6 +29,7 @@ from ..layers import apply_vera
 from ..model_check import cast_adapter
 from ..modeling import load_model, model_config
 from ..options import Rounding, VerifyOnnxOptions
+from ..tying import untie
 from ..verification import VerifyReport
 from .graph import MODEL_NAME
 from .manifest import MANIFEST_NAME, Manifest, projection_digest
@@ -63,8 +64,8 @@ def verify_onnx(
     onnx_dir, base = locate(onnx_dir, Kind.EXPORT), locate(base, Kind.BASE)
     manifest = Manifest.read(onnx_dir)
     mode, task = MODES[manifest.mode], TASKS[manifest.task]
-    index = ShardedTensorIndex.from_dir(base)
     loaded = [load_adapter(a, options.allow_pickle) for a in adapters]
+    index = untie(base, ShardedTensorIndex.from_dir(base), loaded).index
     resolution = mode.resolve(index, loaded, Rounding(manifest.rounding))
     if mode.stacked and len(loaded) != len(manifest.adapters):
         raise AdapterError(
