@@ -16,8 +16,8 @@ from tests.helpers import adapter_dir, base_dir, load_base, load_peft, outputs, 
 from vera_export import AdapterError, OutputError, ToLoraOptions, load_adapter
 from vera_export.io.index import ShardedTensorIndex
 from vera_export.lora import balance, exact_lora_factors, server_warnings, to_lora
+from vera_export.names import model_names
 from vera_export.plan import build_plan
-from vera_export.tying import untie
 
 WEIGHTS = "adapter_model.safetensors"
 # Largest output difference, relative to the largest output, by (base dtype, LoRA dtype). PEFT runs both adapters
@@ -46,7 +46,7 @@ def _load_lora(base: Path, lora: Path) -> torch.nn.Module:
 def _exact_deltas(base: Path, adapter: Path) -> dict[str, tuple[torch.Tensor, object]]:
     """Module -> (delta_W in [out, in] layout, float64, exact up to float64 summation; its LayerDelta)."""
     vera = load_adapter(adapter)
-    plan = build_plan([vera], untie(base, ShardedTensorIndex.from_dir(base), [vera]).index.tensors)
+    plan = build_plan([vera], model_names(base, ShardedTensorIndex.from_dir(base), [vera]).index.tensors)
     deltas = {}
     for (delta,) in plan.deltas.values():
         left, right = delta.factors()

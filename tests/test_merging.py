@@ -31,15 +31,15 @@ from vera_export import (
     unmerge,
 )
 from vera_export.io.index import ShardedTensorIndex
+from vera_export.names import model_names
 from vera_export.plan import build_plan
 from vera_export.precision import ulp
-from vera_export.tying import untie
 
 QUIET = MergeOptions(progress=False)
 
 
 def _tensors(model_dir, aliases: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint; with `aliases` (`Untying.aliases`), a tied pair stored once under both names."""
+    """Every tensor of a checkpoint; with `aliases` (`ModelNames.aliases`), a tied pair stored once under both names."""
     index = ShardedTensorIndex.from_dir(model_dir)
     tensors = {}
     for shard in index.shards:
@@ -66,9 +66,9 @@ def test_merge_layout_and_one_ulp_rule(fixture_root, tmp_path, name: str) -> Non
     report = merge(base, [adapter], tmp_path / "out", QUIET)
     out = tmp_path / "out"
     loaded = load_adapter(adapter)
-    untying = untie(base, ShardedTensorIndex.from_dir(base), [loaded])
-    assert bool(untying.aliases) == (name in UNTYING_ADAPTERS)
-    base_index, out_index = untying.index, ShardedTensorIndex.from_dir(out)
+    names = model_names(base, ShardedTensorIndex.from_dir(base), [loaded])
+    assert bool(names.aliases) == (name in UNTYING_ADAPTERS)
+    base_index, out_index = names.output, ShardedTensorIndex.from_dir(out)
     # Same shard split, tensor order, dtypes and shapes (a tied pair the adapter unties stored twice, side by side);
     # the format metadata transformers expects.
     assert [s.name for s in out_index.shards] == [s.name for s in base_index.shards]
@@ -88,11 +88,11 @@ def test_merge_layout_and_one_ulp_rule(fixture_root, tmp_path, name: str) -> Non
     }
 
     config = json.loads((base / "config.json").read_text())
-    if untying.tied:
+    if names.tied:
         config["tie_word_embeddings"] = False
     assert json.loads((out / "config.json").read_text()) == config
     plan = build_plan([loaded], base_index.tensors)
-    before, after = _tensors(base, untying.aliases), _tensors(out)
+    before, after = _tensors(base, names.aliases), _tensors(out)
     exact = _exact_merged(before, plan)
     assert sorted(report.folded) == sorted(plan.deltas) and sorted(report.replaced) == sorted(
         plan.replacements
@@ -127,7 +127,7 @@ def test_merged_checkpoint_reproduces_peft(fixture_root, tmp_path, name: str) ->
         peft_merged = peft_model.merge_and_unload()
     # PEFT folds a tied head's delta into the tensor it shares with the input embedding (and warns that this "can
     # lead to complications"); the merge here keeps the embedding as PEFT's forward uses it, compared above.
-    aliases = untie(base, ShardedTensorIndex.from_dir(base), [load_adapter(adapter)]).aliases
+    aliases = model_names(base, ShardedTensorIndex.from_dir(base), [load_adapter(adapter)]).aliases
     shared = {stored for alias, stored in aliases.items() if alias in report.folded}
     ours, before = _tensors(tmp_path / "out"), _tensors(base, aliases)
     for key, value in peft_merged.state_dict().items():

@@ -10,10 +10,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 
 from tests.helpers import load_base
 from vera_export.errors import CheckpointError
-from vera_export.modeling import load_model, model_class, model_config, model_outputs, tied_partners
+from vera_export.modeling import (
+    checkpoint_renames,
+    load_model,
+    meta_model,
+    model_class,
+    model_config,
+    model_outputs,
+    tied_partners,
+)
 
 
 @pytest.mark.parametrize(
@@ -58,11 +67,11 @@ def test_tied_partners_are_found_without_loading_weights(fixture_root: Path) -> 
     """Against transformers itself: the loaded tied model shares one tensor between embedding and head."""
     tied, untied = fixture_root / "bases" / "llama-tied", fixture_root / "bases" / "llama"
     names = ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "not.a.parameter"]
-    assert tied_partners(tied, names) == {
+    assert tied_partners(meta_model(tied), names) == {
         "model.embed_tokens.weight": ["lm_head.weight"],
         "lm_head.weight": ["model.embed_tokens.weight"],
     }
-    assert tied_partners(untied, names) == {}
+    assert tied_partners(meta_model(untied), names) == {}
     model = load_base(tied)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert load_base(untied).lm_head.weight is not load_base(untied).model.embed_tokens.weight
@@ -101,3 +110,16 @@ def test_model_outputs_are_logits_or_the_last_hidden_state(fixture_root: Path) -
 
     with pytest.raises(CheckpointError, match="function returns neither logits nor last_hidden_state"):
         model_outputs(neither, batch)
+
+
+def test_checkpoint_renames_are_transformers_own_and_leave_converted_keys_out(tmp_path: Path) -> None:
+    """Mixtral's router is renamed (block_sparse_moe.gate -> mlp.gate); its experts are fused into one tensor on
+    load, no single parameter of the model, and left out."""
+    from fixtures.families import build_family
+
+    base, _ = build_family("mixtral", tmp_path / "mixtral")
+    keys = list(safe_open(base / "model.safetensors", "pt").keys())
+    renames = checkpoint_renames(meta_model(base), keys)
+    assert renames["model.layers.0.mlp.gate.weight"] == "model.layers.0.block_sparse_moe.gate.weight"
+    assert not any("experts" in key for key in renames.values())
+    assert all(key in keys for key in renames.values())

@@ -70,10 +70,12 @@ def test_regenerated_projections_match_peft_loading(fixture_root, name: str) -> 
     """PEFT regenerates projections sized by the targeted layers when it loads; so do we."""
     from vera_export.adapter import load_adapter
     from vera_export.io.index import ShardedTensorIndex
+    from vera_export.names import model_names
     from vera_export.plan import build_plan
 
-    adapter = load_adapter(adapter_dir(fixture_root, name))
-    index = ShardedTensorIndex.from_dir(base_dir(fixture_root, name))
+    adapter, base = load_adapter(adapter_dir(fixture_root, name)), base_dir(fixture_root, name)
+    # A tied head counts too: its out_features (the vocabulary) size vera_B.
+    index = model_names(base, ShardedTensorIndex.from_dir(base), [adapter]).index
     plan = build_plan([adapter], index.tensors)
     (projections,) = plan.projections.values()
     assert not projections.stored

@@ -123,3 +123,22 @@ def test_verify_catches_wrong_replaced_tensor_and_structure(fixture_root, tmp_pa
     _corrupt(tmp_path / "bad" / "model.safetensors", "classifier.bias", lambda b: b.half())
     report = verify(base, [adapter], tmp_path / "bad", LAYERS)
     assert not report.passed and "classifier.bias" in report.checks[0].detail
+
+
+def test_a_reference_that_cannot_run_in_float64_is_a_stated_skip(fixture_root, tmp_path, monkeypatch) -> None:
+    """A model whose kernels have no float64 (as Mixtral's fused experts had): not a crash, not a failure; the
+    layer checks still decide, and a warning says what was not compared and why."""
+    import vera_export.modeling as modeling
+
+    base, adapter = base_dir(fixture_root, "llama-qv"), adapter_dir(fixture_root, "llama-qv")
+    merge(base, [adapter], tmp_path / "merged", MergeOptions(progress=False))
+
+    def no_float64(model, batch):
+        raise RuntimeError("Expected mat_a to be Float32, BFloat16 or Float16 matrix, got Double")
+
+    monkeypatch.setattr(modeling, "model_outputs", no_float64)
+    report = verify(base, [adapter], tmp_path / "merged", VerifyOptions(progress=False, full_model=True))
+    assert report.passed and not any(c.name.startswith("model ") for c in report.checks)
+    (warning,) = report.warnings
+    assert warning.startswith("model outputs not compared: LlamaForCausalLM cannot run in float64")
+    assert "got Double" in warning

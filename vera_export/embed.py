@@ -21,10 +21,10 @@ from .io.locations import Kind, locate
 from .io.outputs import staged_output
 from .io.side_files import side_files
 from .io.writer import save_tensors
+from .names import model_names
 from .options import EmbedOptions
 from .plan import resolve_projections
 from .targets import match_layers
-from .tying import untie
 
 
 @dataclass
@@ -79,7 +79,7 @@ def embed_projections(
             f"{vera.path}: already stores base_model.vera_A / base_model.vera_B; there is nothing to embed, and the "
             f"adapter loads the same anywhere as it is"
         )
-    tensors = untie(base, ShardedTensorIndex.from_dir(base), [vera]).index.tensors
+    tensors = model_names(base, ShardedTensorIndex.from_dir(base), [vera]).index.tensors
     layers = match_layers(vera, {name: tuple(info.shape) for name, info in tensors.items()})
     projections = resolve_projections(vera, tensors, layers, options.rounding)
     stored = {**vera.tensors, PROJECTION_KEYS["vera_A"]: projections.vera_A}

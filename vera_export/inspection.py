@@ -11,13 +11,13 @@ from .adapter import VeraAdapter, load_adapter
 from .errors import VeraExportError, counted
 from .io.index import ShardedTensorIndex
 from .io.locations import Kind, locate
+from .names import model_names
 from .options import InspectOptions, Rounding
 from .plan import build_plan
 from .projections import generate_projections
 from .provenance import Record, checkpoint_record, describe_adapter
 from .reports import JsonFields
 from .targets import incompatibilities, linear_weights, match_layers, untrained_targets
-from .tying import untie
 
 
 @dataclass
@@ -233,7 +233,7 @@ def _against_base(report: InspectReport, adapter: VeraAdapter, location: str | P
     report.base = Path(location)
     try:
         base = locate(location, Kind.BASE)
-        index = untie(base, ShardedTensorIndex.from_dir(base), [adapter]).index
+        index = model_names(base, ShardedTensorIndex.from_dir(base), [adapter]).index
     except VeraExportError as exc:
         report.problems.append(str(exc))
         return

@@ -72,6 +72,15 @@ class VeraLinear(nn.Module):
         # Plain attributes, not buffers: the projections are shared by every layer and belong to no single one.
         self.projections = [(a[2], a[3]) for a in adapters]
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, as PEFT's layers expose it (T5's feed-forward reads `wo.weight.dtype`)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         previous_dtype = x.dtype
         result = self.base_layer(x)

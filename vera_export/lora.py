@@ -36,11 +36,11 @@ from .io.index import ShardedTensorIndex
 from .io.locations import Kind, locate
 from .io.outputs import staged_output
 from .io.writer import save_tensors
+from .names import model_names
 from .options import LORA_DTYPES, ToLoraOptions
 from .plan import LayerDelta, build_plan
 from .progress import progress_bar
 from .reports import JsonFields, duration
-from .tying import untie
 
 DTYPES = {name: getattr(torch, name) for name in LORA_DTYPES}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -156,7 +156,7 @@ def to_lora(
     rank = options.rank
     base, output = locate(base, Kind.BASE), Path(output)
     vera = load_adapter(adapter, options.allow_pickle)
-    tensors = untie(base, ShardedTensorIndex.from_dir(base), [vera]).index.tensors
+    tensors = model_names(base, ShardedTensorIndex.from_dir(base), [vera]).index.tensors
     plan = build_plan([vera], tensors, options.rounding)
     plan.check_base_copies(tensors)
     notes = list(plan.warnings)

@@ -28,6 +28,7 @@ from .io.outputs import after_output, staged_output
 from .io.side_files import side_files
 from .io.streams import BackgroundSink, prefetch
 from .io.writer import SafetensorsWriter, write_index
+from .names import model_names, write_untied_config
 from .options import MergeOptions, Rounding, UnmergeOptions, VerifyOptions
 from .plan import LayerDelta, build_plan
 from .precision import all_finite
@@ -42,7 +43,6 @@ from .provenance import (
     write_record,
 )
 from .reports import JsonFields, duration
-from .tying import untie, write_untied_config
 from .verification import VerifyReport, verify
 
 
@@ -195,20 +195,17 @@ def _rewrite(
     index = ShardedTensorIndex.from_dir(source)
     carried = checkpoint_record(index)
     has_config = read_model_config(source) is not None  # the output must load with from_pretrained
-    untying = untie(source, index, adapters)
-    plan = build_plan(adapters, untying.index.tensors, rounding)
-    plan.check_foldable(untying.index.tensors)
+    names = model_names(source, index, adapters)
+    plan = build_plan(adapters, names.index.tensors, rounding)
+    plan.check_foldable(names.index.tensors)
     if alpha > 0:
-        plan.check_base_copies(untying.index.tensors)
-        index = untying.index
-    else:
-        # A tied checkpoint merged by PEFT holds the head's delta in the shared tensor: subtract it there.
-        for alias, stored in untying.aliases.items():
-            if alias in plan.deltas:
-                plan.deltas[stored] = plan.deltas.pop(alias)
+        plan.check_base_copies(names.index.tensors)
+        index = names.output
+    # Unmerging: a tied checkpoint merged by PEFT holds the head's delta in the shared tensor, subtracted there.
+    plan = names.to_checkpoint(plan, keep_ties=alpha < 0)
     report = MergeReport(command, output, [str(a.path) for a in adapters], warnings=list(plan.warnings))
     if alpha > 0:
-        report.warnings.extend(untying.notes())
+        report.warnings.extend(names.notes())
     if not has_config:
         report.warnings.append(f"{source} has no config.json: the output will not load with from_pretrained")
     if alpha < 0 and plan.replacements:
@@ -241,7 +238,7 @@ def _rewrite(
         if index.is_sharded:
             write_index(staging / INDEX_NAME, index.weight_map, index.index_metadata or {}, fsync)
         side.copy(staging)
-        if alpha > 0 and untying.tied:
+        if alpha > 0 and names.tied:
             write_untied_config(staging)
         if record is not None:
             if digests is not None:

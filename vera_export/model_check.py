@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .adapter import VeraAdapter, VeraLayer
-from .checks import Check
+from .checks import Check, Comparison
 from .errors import CheckpointError
 from .io.index import ShardedTensorIndex
 from .options import Rounding
@@ -60,14 +60,64 @@ def model_inputs(vocab_size: int) -> list[dict[str, torch.Tensor]]:
     return inputs
 
 
+class ModelCheckSkipped(Exception):
+    """The reference outputs cannot be computed for this model; the reason says why."""
+
+
+def architecture_inputs(model: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
+    """Fixed inputs of the kind the architecture reads (its `main_input_name`): token ids (`model_inputs`), with
+    decoder tokens for an encoder-decoder; log-mel features (Whisper) or pixels (ViT) of the config's sizes.
+
+    Raises:
+        ModelCheckSkipped: An input kind this check does not make.
+    """
+    config = model.config
+    main = getattr(model, "main_input_name", "input_ids")
+    generator = torch.Generator().manual_seed(1)
+    dtype = next(model.parameters()).dtype  # features and pixels in the model's own precision
+    if main == "input_ids":
+        inputs = model_inputs(config.vocab_size)
+    elif main == "pixel_values" and hasattr(config, "image_size") and hasattr(config, "num_channels"):
+        size = config.image_size
+        inputs = [
+            {
+                "pixel_values": torch.randn(batch, config.num_channels, size, size, generator=generator).to(
+                    dtype
+                )
+            }
+            for batch, _ in INPUT_SHAPES
+        ]
+    elif (
+        main == "input_features"
+        and hasattr(config, "num_mel_bins")
+        and hasattr(config, "max_source_positions")
+    ):
+        frames = 2 * config.max_source_positions  # the encoder's convolutions halve them
+        inputs = [
+            {"input_features": torch.randn(batch, config.num_mel_bins, frames, generator=generator).to(dtype)}
+            for batch, _ in INPUT_SHAPES
+        ]
+    else:
+        raise ModelCheckSkipped(f"{type(model).__name__} reads {main}, for which this check makes no inputs")
+    if getattr(config, "is_encoder_decoder", False):
+        vocab = config.vocab_size
+        for batch, (rows, length) in zip(inputs, INPUT_SHAPES):
+            batch["decoder_input_ids"] = torch.randint(0, vocab, (rows, length), generator=generator)
+    return inputs
+
+
 @torch.no_grad()
 def check_model_outputs(
     base: Path, adapters: Sequence[VeraAdapter], merged: Path, rounding: Rounding = Rounding.FMA
 ) -> list[Check]:
-    """Compare the merged model's outputs with the base model plus `VeraLinear` layers on `model_inputs`.
+    """Compare the merged model's outputs with the base model plus `VeraLinear` layers on `architecture_inputs`.
 
     Pass adapters with their projections pinned (`plan.pin_projections`): the reference model is loaded in the
     compute dtype, and must use the projections resolved on the checkpoint's own dtype.
+
+    Raises:
+        ModelCheckSkipped: The architecture takes inputs this check does not make, or cannot run in the compute
+            dtype; the reason says which.
     """
     from .layers import apply_vera
     from .modeling import load_model, model_outputs
@@ -75,8 +125,14 @@ def check_model_outputs(
     dtype = storage_dtype(base)
     compute = compute_dtype(dtype)
     unmerged = apply_vera(load_model(base, compute), [cast_adapter(a, compute) for a in adapters], rounding)
-    inputs = model_inputs(unmerged.config.vocab_size)
-    expected = [model_outputs(unmerged, batch) for batch in inputs]
+    inputs = architecture_inputs(unmerged)
+    try:
+        expected = [model_outputs(unmerged, batch) for batch in inputs]
+    except (RuntimeError, NotImplementedError) as exc:  # a kernel without this dtype, say
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelCheckSkipped(
+            f"{type(unmerged).__name__} cannot run in {str(compute).removeprefix('torch.')} here ({reason[:200]})"
+        ) from None
     del unmerged
     merged_model = load_model(merged, compute)
     checks = []
@@ -84,28 +140,17 @@ def check_model_outputs(
     for batch, reference in zip(inputs, expected):
         actual = model_outputs(merged_model, batch)
         for key, want in reference.items():
-            got = actual[key]
-            # Outputs the reference cannot compute (NaN or Inf, from a base holding them) are compared position
-            # by position: the merged model must not compute them either, and the rest is compared in numbers.
-            finite = torch.isfinite(want)
-            same = bool(((got == want) | (got.isnan() & want.isnan()))[~finite].all())
-            error = (got - want).abs()[finite].max().item() if finite.any() else 0.0
-            scale = want.abs()[finite].max().item() if finite.any() else 1.0
-            tolerance = MODEL_ROUNDOFFS * roundoff * (scale or 1.0)
-            detail = (
-                ""
-                if finite.all()
-                else f"{int((~finite).sum())} outputs not finite, {'the same' if same else 'NOT the same'} in the merged model"
-            )
-            shape = "x".join(map(str, batch["input_ids"].shape))
+            compared = Comparison.of(actual[key].double().numpy(), want.double().numpy())
+            tolerance = MODEL_ROUNDOFFS * roundoff * compared.scale
+            shape = "x".join(map(str, next(iter(batch.values())).shape[:2]))
             checks.append(
                 Check(
                     f"model {key} [{shape}]",
-                    error,
-                    error / (scale or 1.0),
+                    compared.error,
+                    compared.error / compared.scale,
                     tolerance,
-                    same and error <= tolerance,
-                    detail,
+                    compared.same and compared.error <= tolerance,
+                    compared.detail(),
                 )
             )
     return checks

@@ -60,14 +60,16 @@ def _as_checkpoint_errors(model_dir: Path) -> Iterator[None]:
         ) from exc
 
 
-def tied_partners(model_dir: Path, names: Iterable[str]) -> dict[str, list[str]]:
-    """For each of `names` that the model ties to other parameters (tied word embeddings), those parameters' names.
-
-    Builds the model from `config.json` on the meta device: no weights are read or allocated.
-    """
+def meta_model(model_dir: Path) -> transformers.PreTrainedModel:
+    """The model built from `config.json` on the meta device: its modules and parameter names, no weights read or
+    allocated."""
     cls = model_class(model_dir)
     with _as_checkpoint_errors(model_dir), torch.device("meta"):
-        model = cls(cls.config_class.from_pretrained(model_dir))
+        return cls(cls.config_class.from_pretrained(model_dir))
+
+
+def tied_partners(model: transformers.PreTrainedModel, names: Iterable[str]) -> dict[str, list[str]]:
+    """For each of `names` that the model ties to other parameters (tied word embeddings), those parameters' names."""
     groups: dict[int, list[str]] = defaultdict(list)
     for name, param in model.named_parameters(remove_duplicate=False):
         groups[id(param)].append(name)
@@ -77,6 +79,36 @@ def tied_partners(model_dir: Path, names: Iterable[str]) -> dict[str, list[str]]
     }
 
 
+def checkpoint_renames(model: transformers.PreTrainedModel, keys: Iterable[str]) -> dict[str, str]:
+    """The checkpoint keys among `keys` that transformers renames when it loads them (its conversion mapping: a
+    ViT checkpoint's `attention.attention.query` is the model's `attention.q_proj`), by the model's name.
+
+    Keys transformers converts rather than renames (fused mixture-of-experts weights, several tensors into one)
+    are left out: they are no one parameter of the model.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            apply_converters,
+            apply_renamings,
+        )
+    except ImportError:  # a transformers without conversion mappings stores every key as the model names it
+        return {}
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    renames = {}
+    for key in keys:
+        if converters and apply_converters(key, converters)[1] is not None:
+            continue
+        renamed = apply_renamings(key, renamings)
+        if renamed != key:
+            renames[renamed] = key
+    return renames
+
+
 def load_model(model_dir: Path, dtype: torch.dtype) -> transformers.PreTrainedModel:
     """The model in `dtype`, in eval mode, without a KV cache."""
     bars = transformers.utils.logging.is_progress_bar_enabled()
@@ -84,7 +116,8 @@ def load_model(model_dir: Path, dtype: torch.dtype) -> transformers.PreTrainedMo
     cls = model_class(model_dir)
     try:
         with _as_checkpoint_errors(model_dir):
-            model = cls.from_pretrained(model_dir, dtype=dtype)
+            # Mixture-of-experts layers run expert by expert: the fused kernels have no float64.
+            model = cls.from_pretrained(model_dir, dtype=dtype, experts_implementation="eager")
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()

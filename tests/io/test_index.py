@@ -62,6 +62,16 @@ def test_an_alias_reads_its_tensor_s_bytes_right_after_it(sharded_dir):
     assert index.with_aliases({}) is index
 
 
+def test_a_renamed_index_keeps_every_tensor_in_place(sharded_dir):
+    model_dir, _ = sharded_dir
+    index = ShardedTensorIndex.from_dir(model_dir)
+    first = next(iter(index.tensors))
+    renamed = index.renamed({first: "model.name"})
+    assert list(renamed.tensors) == ["model.name", *list(index.tensors)[1:]]
+    assert renamed.tensors["model.name"].offset == index.tensors[first].offset
+    assert first in index.tensors and index.renamed({}) is index
+
+
 def test_single_file_dir_and_adapter_file(tmp_path, source):
     model_dir = tmp_path / "single"
     model_dir.mkdir()

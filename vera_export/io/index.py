@@ -154,7 +154,7 @@ class ShardedTensorIndex:
     def with_aliases(self, aliases: Mapping[str, str]) -> ShardedTensorIndex:
         """A copy in which each new name of `aliases` is a tensor of its own that reads the bytes of the stored one
         it maps to, placed right after it in its shard: a checkpoint that stores a tied pair once, seen as storing
-        both (see `tying`)."""
+        both (see `names`)."""
         if not aliases:
             return self
         after: dict[str, list[str]] = {}
@@ -168,6 +168,20 @@ class ShardedTensorIndex:
                 for alias in after.get(name, []):
                     entries[alias] = dataclasses.replace(info, name=alias)
             headers[shard] = (entries, metadata)
+        return ShardedTensorIndex(headers, self.index_metadata, self.root)
+
+    def renamed(self, names: Mapping[str, str]) -> ShardedTensorIndex:
+        """A copy in which each tensor named in `names` goes by its new name, in place (a checkpoint's keys as the
+        model names them, see `names`)."""
+        if not names:
+            return self
+        headers = {
+            shard: (
+                {names.get(n, n): dataclasses.replace(i, name=names.get(n, n)) for n, i in tensors.items()},
+                meta,
+            )
+            for shard, (tensors, meta) in self._headers.items()
+        }
         return ShardedTensorIndex(headers, self.index_metadata, self.root)
 
     def metadata(self, shard: str | os.PathLike[str]) -> dict[str, str]:

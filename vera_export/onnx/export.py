@@ -22,11 +22,11 @@ from ..io.index import ShardedTensorIndex
 from ..io.locations import Kind, locate
 from ..io.outputs import staged_output
 from ..io.side_files import side_files
-from ..modeling import load_model, model_class
+from ..modeling import load_model, model_class, model_config
+from ..names import model_names
 from ..options import OnnxOptions, VerifyOnnxOptions
 from ..progress import stage_bar
 from ..reports import duration
-from ..tying import untie
 from ..verification import VerifyReport
 from . import generation
 from . import graph as passes
@@ -71,7 +71,10 @@ def resolve_task(base: Path, task: str) -> Task:
     Raises:
         CheckpointError: The architecture does not do `task`, or `"auto"` cannot tell.
     """
-    architecture = model_class(base).__name__
+    cls = model_class(base)
+    architecture = cls.__name__
+    if task != "text-generation":  # GenAI's builder serves its own list of architectures (`generation.check`)
+        _refuse_untraceable(base, cls)
     if task == "auto":
         found = next((t for t in TASKS.values() if architecture.endswith(t.suffixes)), None)
         if found is None:
@@ -85,6 +88,37 @@ def resolve_task(base: Path, task: str) -> Task:
             f"{base}: {architecture} is not a {task} model; pass --task auto or --task feature-extraction"
         )
     return chosen
+
+
+# Config fields by which transformers' mixture-of-experts models give their number of experts.
+_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+_MERGE_THEN = (
+    "merge the adapter into the weights (vera-export merge, then vera-export verify) and export the merged "
+    "checkpoint with optimum (optimum-cli export onnx --model MERGED OUT)"
+)
+
+
+def _refuse_untraceable(base: Path, cls: type) -> None:
+    """Refuse, before any work, what one traced forward pass over token ids cannot export.
+
+    Raises:
+        CheckpointError: An encoder-decoder (its graphs are an encoder and a decoder with past), a model that reads
+            something other than token ids (speech, images), or a mixture of experts (its routing depends on the
+            data, which torch.onnx cannot trace); each names the architecture and what to do instead.
+    """
+    config, architecture = model_config(base), cls.__name__
+    main = getattr(cls, "main_input_name", "input_ids")
+    if getattr(config, "is_encoder_decoder", False):
+        reason = "is an encoder-decoder model, exported as an encoder and a decoder with past"
+    elif main != "input_ids":
+        reason = f"reads {main}, not token ids"
+    elif any(isinstance(n, int) and n > 1 for n in (getattr(config, key, None) for key in _EXPERT_COUNTS)):
+        reason = "routes tokens among experts (mixture of experts), which torch.onnx cannot trace"
+    else:
+        return
+    raise CheckpointError(
+        f"{base}: {architecture} {reason}; ONNX export here traces one pass over token ids - {_MERGE_THEN}"
+    )
 
 
 def export_onnx(
@@ -115,7 +149,7 @@ def export_onnx(
     base, output = locate(base, Kind.BASE), Path(output)
     mode, precision = MODES[options.mode], PRECISIONS[options.precision]
     loaded = [load_adapter(a, options.allow_pickle) for a in adapters]
-    index = untie(base, ShardedTensorIndex.from_dir(base), loaded).index
+    index = model_names(base, ShardedTensorIndex.from_dir(base), loaded).index
     resolution = mode.resolve(index, loaded, options.rounding)
     task = resolve_task(base, options.task)
     signature = mode.signature(task, precision.dtype)

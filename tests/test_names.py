@@ -12,16 +12,16 @@ import pytest
 from tests.helpers import adapter_dir, base_dir
 from vera_export import IncompatibleAdapterError, load_adapter
 from vera_export.io.index import ShardedTensorIndex
+from vera_export.names import model_names, write_untied_config
 from vera_export.plan import build_plan
-from vera_export.tying import untie, write_untied_config
 
 HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 
 
-def _untie(fixture_root: Path, name: str, base: Path | None = None):
+def _names(fixture_root: Path, name: str, base: Path | None = None):
     base = base or base_dir(fixture_root, name)
     index = ShardedTensorIndex.from_dir(base)
-    return index, untie(base, index, [load_adapter(adapter_dir(fixture_root, name))])
+    return index, model_names(base, index, [load_adapter(adapter_dir(fixture_root, name))])
 
 
 @pytest.mark.parametrize(
@@ -33,18 +33,18 @@ def _untie(fixture_root: Path, name: str, base: Path | None = None):
     ],
 )
 def test_a_tied_pair_the_adapter_changes_is_listed_twice(fixture_root, name: str, aliases: dict) -> None:
-    index, untying = _untie(fixture_root, name)
-    assert untying.aliases == aliases
-    assert bool(untying.tied) == bool(aliases) and bool(untying.notes()) == bool(aliases)
+    index, names = _names(fixture_root, name)
+    assert names.aliases == aliases
+    assert bool(names.tied) == bool(aliases) and bool(names.notes()) == bool(aliases)
     for alias, stored in aliases.items():
-        assert untying.index.tensors[alias].offset == index.tensors[stored].offset
+        assert names.index.tensors[alias].offset == index.tensors[stored].offset
         assert alias not in index.tensors
 
 
 def test_an_adapter_of_plain_layers_costs_nothing(fixture_root) -> None:
     """No tensor it touches can be tied: the index is returned as it is, without building the model."""
-    index, untying = _untie(fixture_root, "llama-qv", fixture_root / "bases" / "llama-tied")
-    assert untying.index is index and not untying.aliases and not untying.tied
+    index, names = _names(fixture_root, "llama-qv", fixture_root / "bases" / "llama-tied")
+    assert names.index is index and not names.aliases and not names.tied
 
 
 def test_a_missing_head_on_a_base_that_does_not_tie_it_is_still_refused(fixture_root, tmp_path) -> None:
@@ -54,10 +54,10 @@ def test_a_missing_head_on_a_base_that_does_not_tie_it_is_still_refused(fixture_
     shutil.copytree(base_dir(fixture_root, "llama-tied-lmhead"), base)
     config = json.loads((base / "config.json").read_text())
     (base / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
-    _, untying = _untie(fixture_root, "llama-tied-lmhead", base)
-    assert not untying.aliases
+    _, names = _names(fixture_root, "llama-tied-lmhead", base)
+    assert not names.aliases
     with pytest.raises(IncompatibleAdapterError, match="module 'lm_head' has no 2-D weight"):
-        build_plan([load_adapter(adapter_dir(fixture_root, "llama-tied-lmhead"))], untying.index.tensors)
+        build_plan([load_adapter(adapter_dir(fixture_root, "llama-tied-lmhead"))], names.index.tensors)
 
 
 def test_the_untied_config_turns_every_tie_off(tmp_path) -> None:
@@ -71,3 +71,30 @@ def test_the_untied_config_turns_every_tie_off(tmp_path) -> None:
     written = json.loads((tmp_path / "config.json").read_text())
     assert written["tie_word_embeddings"] is False and written["text_config"]["tie_word_embeddings"] is False
     assert written["architectures"] == ["X"]
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory) -> tuple[Path, Path]:
+    """transformers 5 names ViT's modules q_proj / fc1; its checkpoints keep attention.attention.query."""
+    from fixtures.families import build_family
+
+    return build_family("vit", tmp_path_factory.mktemp("vit"))
+
+
+def test_keys_transformers_renames_are_planned_by_the_model_s_names_and_written_by_the_checkpoint_s(
+    vit,
+) -> None:
+    base, adapter = vit
+    index = ShardedTensorIndex.from_dir(base)
+    loaded = load_adapter(adapter)
+    names = model_names(base, index, [loaded])
+    query, q_proj = (
+        "vit.encoder.layer.0.attention.attention.query.weight",
+        "vit.layers.0.attention.q_proj.weight",
+    )
+    assert names.renames[q_proj] == query and query in index.tensors
+    assert q_proj in names.index.tensors and query not in names.index.tensors
+    assert names.output is index  # the output keeps the checkpoint's keys, nothing added
+    plan = names.to_checkpoint(build_plan([loaded], names.index.tensors))
+    assert query in plan.deltas and q_proj not in plan.deltas
+    assert all(name in index.tensors for name in plan.deltas)
