@@ -8,6 +8,7 @@ Every mode loads the base in the signature's dtype and exports it with torch.onn
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -187,6 +188,7 @@ def export_onnx(
                 start("writing")
                 passes.save(graph, staging, external_data)
                 del graph  # its weights, before verification loads the model twice more
+                gc.collect()  # the graph's nodes and values reference each other: only the collector frees them
                 side.copy(staging)
             manifest.write(staging)
             report.files = sorted(p.name for p in staging.iterdir())

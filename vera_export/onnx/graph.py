@@ -177,8 +177,23 @@ def optimize(graph: ir.Model, shared: set[ir.Value]) -> None:
         onnxscript.optimizer.optimize_ir(
             graph, should_fold=lambda node: False if shared & set(node.inputs) else None
         )
+    _forget_last_match()
     # Source locations of every node: most of the file, of no use to a runtime.
     ir.passes.common.ClearMetadataAndDocStringPass()(graph)
+
+
+def _forget_last_match() -> None:
+    """onnxscript's default rewrite rules are module-level objects whose matchers keep the last node (and graph)
+    they matched: through it the whole graph, every weight and the traced model stay in memory after the optimizer
+    returns, while verification loads the model twice more. Clear that state (and `tests/onnx/test_graph.py`
+    checks that the weights are freed, should onnxscript rename it)."""
+    from onnxscript import rewriter
+
+    for rule in getattr(rewriter, "_DEFAULT_REWRITE_RULES", ()):
+        matcher = getattr(rule, "_matcher", None)
+        for attribute in ("_current_node", "_graph", "_match"):
+            if hasattr(matcher, attribute):
+                setattr(matcher, attribute, None)
 
 
 def needs_external_data(index: ShardedTensorIndex, dtype: torch.dtype, external_data: bool | None) -> bool:

@@ -79,15 +79,17 @@ def verify_onnx(
         report.checks.extend(verify_generation(onnx_dir, base, resolution.adapters, manifest))
         return report
     signature = mode.signature(task, PRECISIONS[manifest.precision].dtype)
+    # The references first, one model at a time, and only then the session: the float64 model and ONNX Runtime's
+    # copy of the weights are never in memory together.
+    inputs = mode.verification_inputs(model_config(base).vocab_size, len(loaded))
+    exact = _reference(base, mode, resolution.adapters, task, torch.float64, inputs)
+    same_precision = _reference(base, mode, resolution.adapters, task, signature.dtype, inputs)
     try:
         runner = session(onnx_dir)
     except ORT_ERRORS as exc:
         report.checks.append(Check("graph loads in ONNX Runtime", 0.0, 0.0, 0.0, False, first_line(exc)))
         return report
     report.checks.append(_check_graph(onnx_dir, runner, manifest, signature))
-    inputs = mode.verification_inputs(model_config(base).vocab_size, len(loaded))
-    exact = _reference(base, mode, resolution.adapters, task, torch.float64, inputs)
-    same_precision = _reference(base, mode, resolution.adapters, task, signature.dtype, inputs)
     for batch, want, single in zip(inputs, exact, same_precision):
         check = _check_output(runner, signature, batch, want, single)
         if ADAPTER_INDEX in batch:
