@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fixtures.families import FAMILIES, build_family
 from tests.helpers import assert_one_error_line, digest, run_cli
 from vera_export import OnnxOptions, ToLoraOptions, VerifyOptions, export_onnx, load_adapter, to_lora, verify
 from vera_export.model_check import architecture_inputs
 from vera_export.modeling import load_model, model_outputs
+from vera_export.precision import ulp
 
 # Float32 models, one rounding per merged weight: outputs move by a few roundoffs of their scale.
 TOLERANCE = 1e-5
@@ -68,6 +70,19 @@ def test_merged_model_is_peft_s_unmerged_one_and_verifies(families, tmp_path, na
     assert any(c.name.startswith("model ") for c in verified.checks) and not verified.warnings, (
         verified.text()
     )
+    # And back: every weight within ulp(merged) + ulp(base) of the base, under the checkpoint's own keys.
+    back = tmp_path / "back"
+    result = run_cli(
+        "unmerge", "--merged", tmp_path / "merged", "--adapter", adapter, "--output", back, "--quiet"
+    )
+    assert result.exit_code == 0, result.output
+    original, merged_weights, restored = (
+        load_file(d / "model.safetensors") for d in (base, tmp_path / "merged", back)
+    )
+    assert restored.keys() == original.keys()
+    for key, value in original.items():
+        bound = ulp(merged_weights[key], value.dtype) + ulp(value, value.dtype)
+        assert ((restored[key].double() - value.double()).abs() <= bound).all(), key
 
 
 @pytest.mark.parametrize("name", FAMILIES)
