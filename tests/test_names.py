@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,21 @@ def test_keys_transformers_renames_are_planned_by_the_model_s_names_and_written_
     plan = names.to_checkpoint(build_plan([loaded], names.index.tensors))
     assert query in plan.deltas and q_proj not in plan.deltas
     assert all(name in index.tensors for name in plan.deltas)
+
+
+def test_a_config_that_ties_nothing_is_taken_at_its_word(fixture_root) -> None:
+    """An untied lm_head (its base copy saved by PEFT) on a base whose config says tie_word_embeddings false:
+    transformers, seconds to import, is not needed to tell."""
+    base, adapter = base_dir(fixture_root, "llama-lmhead"), adapter_dir(fixture_root, "llama-lmhead")
+    code = (
+        "import sys; from vera_export import load_adapter; from vera_export.io.index import ShardedTensorIndex; "
+        "from vera_export.names import model_names; from pathlib import Path; "
+        f"n = model_names(Path({str(base)!r}), ShardedTensorIndex.from_dir({str(base)!r}), [load_adapter({str(adapter)!r})]); "
+        "print(not n.tied and 'transformers' not in sys.modules)"
+    )
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        == "True"
+    )

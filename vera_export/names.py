@@ -87,8 +87,10 @@ def model_names(source: Path, index: ShardedTensorIndex, adapters: Sequence[Vera
     touched = {name for a in adapters for name in (*a.replacements, *a.base_copies)}
     touched |= {f"{m}.weight" for a in adapters for m in a.layers}
     missing = touched - index.tensors.keys()
-    # Embedding-like layers (PEFT saves them whole: base_copies) and replaced tensors may be tied.
-    candidates = missing | {n for a in adapters for n in (*a.replacements, *a.base_copies)}
+    # Embedding-like layers (PEFT saves them whole: base_copies) and replaced tensors may be tied, unless the
+    # config says nothing is.
+    tieable = {n for a in adapters for n in (*a.replacements, *a.base_copies)}
+    candidates = missing | (tieable if _may_tie(source) else set())
     if not candidates:
         return ModelNames(index, index)
     from .modeling import (  # transformers takes seconds to import
@@ -112,6 +114,13 @@ def model_names(source: Path, index: ShardedTensorIndex, adapters: Sequence[Vera
             aliases.update({n: stored[0] for n in group if n not in planned.tensors})
     output = index.with_aliases({renames.get(a, a): renames.get(s, s) for a, s in aliases.items()})
     return ModelNames(planned.with_aliases(aliases), output, aliases, renames, tied)
+
+
+def _may_tie(model_dir: Path) -> bool:
+    """False when config.json says `tie_word_embeddings: false` and no sub-config says otherwise."""
+    raw = read_model_config(model_dir) or {}
+    nested = [v.get(TIE_KEY) for v in raw.values() if isinstance(v, dict) and TIE_KEY in v]
+    return raw.get(TIE_KEY) is not False or any(flag is not False for flag in nested)
 
 
 def write_untied_config(model_dir: Path) -> None:
