@@ -14,7 +14,6 @@ from vera_export.precision import (
     FOLDABLE_DTYPES,
     SIGNIFICAND_BITS,
     _narrow_carefully,
-    _where,
     all_finite,
     compute_dtype,
     exact_sums,
@@ -22,6 +21,7 @@ from vera_export.precision import (
     largest_magnitude,
     narrow,
     smallest_magnitude,
+    sparse_nonzero,
     ulp,
     unit_roundoff,
 )
@@ -212,11 +212,16 @@ def test_all_finite_finds_any_nan_or_inf(dtype: torch.dtype, bad: float | None) 
     assert all_finite(values[:2]) and all_finite(torch.empty(0, dtype=dtype))
 
 
-@pytest.mark.parametrize("n", [0, 7, 4096, 4097, 100_000])
-@pytest.mark.parametrize("share", [0.0, 1e-5, 1e-3, 0.5])
-def test_where_finds_what_nonzero_finds(n: int, share: float) -> None:
-    """The span-by-span search narrow() uses for its few careful elements, whatever their number and place."""
+@pytest.mark.parametrize("n", [0, 7, 64, 4097, 100_000])
+@pytest.mark.parametrize("share", [0.0, 1e-5, 1e-3, 0.05, 0.5])
+def test_sparse_nonzero_finds_what_nonzero_finds(n: int, share: float) -> None:
+    """The span-by-span search narrow() and the fold's guard use for their few elements, whatever their number
+    and place: 2-D masks, the tail past the last whole span, a mask that starts mid-storage."""
     mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < share
     if n:
-        mask[-1] = True  # the tail past the last whole span
-    assert torch.equal(_where(mask), mask.nonzero().squeeze(1))
+        mask[-1] = True
+    assert torch.equal(sparse_nonzero(mask), mask.nonzero().squeeze(1))
+    if n >= 64:
+        square = mask[: n - n % 64].view(-1, 64)
+        assert torch.equal(sparse_nonzero(square), square.reshape(-1).nonzero().squeeze(1))
+        assert torch.equal(sparse_nonzero(mask[3:]), mask[3:].nonzero().squeeze(1))

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .precision import SIGNIFICAND_BITS, exact_sums, gamma, narrow
+from .precision import SIGNIFICAND_BITS, exact_sums, gamma, narrow, sparse_nonzero
 
 if TYPE_CHECKING:
     from .fold import VeraDelta
@@ -95,18 +95,18 @@ class CancellationGuard:
     def _exact_left(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Rows `rows` of the exact float64 `left`, shape (len(rows), k); all of them (built once) when None."""
         if rows is not None:
-            return torch.cat([delta.left_rows(rows) for delta in self.deltas], dim=1) * self.alpha
-        if self._left is None:
-            self._left = self._exact_left(torch.arange(self.rows, device=self.row_norms.device))
+            return _signed(_joined([delta.left_rows(rows) for delta in self.deltas]), self.alpha)
+        if self._left is None:  # from the factors themselves: no gather, no copy for a single adapter
+            self._left = _signed(_joined([d.factors(torch.float64)[0] for d in self.deltas]), self.alpha)
         return self._left
 
     def _exact_right(self, columns: torch.Tensor | None = None) -> torch.Tensor:
         """Columns `columns` of the exact float64 `right`, as rows: shape (len(columns), k), contiguous to gather
         per suspect; all of them (built once) when None."""
         if columns is not None:
-            return torch.cat([delta.right_columns(columns) for delta in self.deltas], dim=1)
+            return _joined([delta.right_columns(columns) for delta in self.deltas])
         if self._right is None:
-            self._right = self._exact_right(torch.arange(self.cols, device=self.col_norms.device))
+            self._right = _joined([d.factors(torch.float64)[1].T for d in self.deltas]).contiguous()
         return self._right
 
     def inspect(self, block: torch.Tensor, weight: torch.Tensor, start: int, scratch: torch.Tensor) -> bool:
@@ -135,11 +135,13 @@ class CancellationGuard:
         rows = ((minima < thresholds) | minima.isnan()).nonzero().flatten()
         if rows.numel() == 0:
             return True
+        cols = block.shape[1]
         if rows.numel() * 4 < len(block):
-            where = (scratch[rows] < thresholds[rows, None]).nonzero()
-            i, j = rows[where[:, 0]], where[:, 1]
+            where = sparse_nonzero(scratch[rows] < thresholds[rows, None])
+            i, j = rows[where // cols], where % cols
         else:  # suspects in most rows: one pass over the block beats copying the rows out
-            i, j = (scratch < thresholds[:, None]).nonzero().unbind(1)
+            where = sparse_nonzero(scratch < thresholds[:, None])
+            i, j = where // cols, where % cols
         if not self.exact_compute and i.numel() > block.numel() // _DENSE:
             self.wide = True
             return False
@@ -254,3 +256,13 @@ class CancellationGuard:
         """Whether float64 vouches for each recomputed element (same test, with float64's error bound)."""
         bound = self.gamma64 * (w.abs() + self.row_norms[i] * self.col_norms[j])
         return bound <= self.margin * recomputed.abs()
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Several adapters' factor columns side by side; one adapter's as they are."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _signed(tensor: torch.Tensor, alpha: float) -> torch.Tensor:
+    """`alpha * tensor`, exact (alpha is +-1), without a pass when alpha is 1."""
+    return tensor if alpha == 1 else tensor * alpha
