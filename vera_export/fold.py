@@ -104,7 +104,7 @@ class VeraDelta:
 
 def _scale(vector: torch.Tensor, matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.float64:
-        return vector.double()[:, None] * matrix.double()
+        return vector.double()[:, None] * matrix  # float32 entries promote exactly, without a converted copy
     # In float32 the product rounds once either way; skipping the float64 detour saves a pass per layer.
     return vector.to(dtype)[:, None] * matrix.to(dtype)
 

@@ -216,9 +216,11 @@ class CancellationGuard:
             else:
                 left, right = self._exact_left(ci), self._exact_right(cj)
             if not self.exact_compute:
-                recomputed = (left * right).sum(dim=1).add_(cw)
+                # Row-by-row dot products, in any order: `_safe`'s bound holds for every summation order.
+                recomputed = torch.einsum("nk,nk->n", left, right).add_(cw)
                 safe = self._safe(ci, cj, cw, recomputed)
-                self._write(out, ci[safe], cj[safe], recomputed[safe], cw[safe], left[safe], right[safe])
+                kept = safe.nonzero().squeeze(1)
+                self._write(out, ci[kept], cj[kept], recomputed[kept], cw[kept], left, right, kept)
                 unsafe = ~safe
                 ci, cj, cw, left, right = ci[unsafe], cj[unsafe], cw[unsafe], left[unsafe], right[unsafe]
             if ci.numel():
@@ -233,17 +235,20 @@ class CancellationGuard:
         w: torch.Tensor,
         left: torch.Tensor,
         right: torch.Tensor,
+        rows: torch.Tensor | None = None,
     ) -> None:
         """`out[i, j] = sums` (float64, correctly rounded or exact) rounded once to `out`'s dtype.
 
         A sum that rounds to infinity (its weight is finite) may be a float64 rounding of an exact sum just below
         the overflow threshold: that is decided in exact arithmetic, from `w` and the exact factor rows `left`,
-        `right`, and the element is the dtype's largest value; past the threshold the fold is refused.
+        `right` (row `rows[n]` of them for element n, when given: they are gathered only for such elements), and
+        the element is the dtype's largest value; past the threshold the fold is refused.
         """
         rounded = narrow(sums, out.dtype)
         for n in (~torch.isfinite(rounded)).nonzero().flatten().tolist():
+            row = n if rows is None else int(rows[n])
             exact = Fraction(float(w[n])) + sum(
-                Fraction(a) * Fraction(b) for a, b in zip(left[n].tolist(), right[n].tolist())
+                Fraction(a) * Fraction(b) for a, b in zip(left[row].tolist(), right[row].tolist())
             )
             if abs(exact) >= Fraction(self.overflow):
                 raise FloatingPointError(f"overflows {out.dtype} at row {int(i[n])}, column {int(j[n])}")
