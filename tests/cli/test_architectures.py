@@ -85,6 +85,28 @@ def test_merged_model_is_peft_s_unmerged_one_and_verifies(families, tmp_path, na
         assert ((restored[key].double() - value.double()).abs() <= bound).all(), key
 
 
+@pytest.fixture(scope="session")
+def bf16_families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    root = tmp_path_factory.mktemp("families-bf16")
+    return {name: build_family(name, root / name, dtype=torch.bfloat16) for name in FAMILIES}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_bfloat16_base_merges_and_verifies(bf16_families, tmp_path, name: str) -> None:
+    """Every weight within 1 ulp of the exact sum, and the merged model's outputs within 16 bfloat16 roundoffs
+    of the unmerged one's (computed in float32): verify's own layer and model checks."""
+    base, adapter = bf16_families[name]
+    result = run_cli(
+        "merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "merged", "--quiet"
+    )
+    assert result.exit_code == 0, result.output
+    assert next(iter(load_file(tmp_path / "merged" / "model.safetensors").values())).dtype == torch.bfloat16
+    verified = verify(base, [adapter], tmp_path / "merged", VerifyOptions(progress=False, full_model=True))
+    assert verified.passed and not verified.warnings, verified.text()
+    assert sum(c.name.startswith("layer ") for c in verified.checks) == len(load_adapter(adapter).layers)
+    assert any(c.name.startswith("model ") for c in verified.checks)
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_lora_adapter_reproduces_vera_in_peft(families, tmp_path, name: str) -> None:
     base, adapter = families[name]
