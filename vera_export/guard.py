@@ -91,13 +91,14 @@ class CancellationGuard:
         self._right_wide: torch.Tensor | None = None
         self._left: torch.Tensor | None = None
         self._right: torch.Tensor | None = None
+        self._factors: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _exact_left(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Rows `rows` of the exact float64 `left`, shape (len(rows), k); all of them (built once) when None."""
         if rows is not None:
             return _signed(_joined([delta.left_rows(rows) for delta in self.deltas]), self.alpha)
         if self._left is None:  # from the factors themselves: no gather, no copy for a single adapter
-            self._left = _signed(_joined([d.factors(torch.float64)[0] for d in self.deltas]), self.alpha)
+            self._left = _signed(_joined([left for left, _ in self._exact_factors()]), self.alpha)
         return self._left
 
     def _exact_right(self, columns: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,8 +107,14 @@ class CancellationGuard:
         if columns is not None:
             return _joined([delta.right_columns(columns) for delta in self.deltas])
         if self._right is None:
-            self._right = _joined([d.factors(torch.float64)[1].T for d in self.deltas]).contiguous()
+            self._right = _joined([right.T for _, right in self._exact_factors()]).contiguous()
         return self._right
+
+    def _exact_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each delta's exact float64 `(left, right)`, formed once for both sides."""
+        if self._factors is None:
+            self._factors = [delta.factors(torch.float64) for delta in self.deltas]
+        return self._factors
 
     def inspect(self, block: torch.Tensor, weight: torch.Tensor, start: int, scratch: torch.Tensor) -> bool:
         """Note the elements of one computed block that may need repair (a few passes over the block).

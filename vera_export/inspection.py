@@ -15,7 +15,7 @@ from .names import model_names
 from .options import InspectOptions, Rounding
 from .plan import build_plan
 from .projections import generate_projections
-from .provenance import Record, checkpoint_record, describe_adapter
+from .provenance import Record, describe_adapter, shown_record
 from .reports import JsonFields
 from .targets import incompatibilities, linear_weights, match_layers, untrained_targets
 
@@ -215,11 +215,7 @@ def _regeneration_match(adapter: VeraAdapter) -> str | None:
 
 def _base_record(report: InspectReport, adapter: VeraAdapter, index: ShardedTensorIndex) -> None:
     """The base's record, and a problem when it says this adapter is merged in already (merge would refuse)."""
-    try:
-        record = checkpoint_record(index)
-    except VeraExportError as exc:
-        report.warnings.append(str(exc))
-        return
+    record = shown_record(index, report.warnings)
     if record is None:
         return
     report.base_record = record.to_json()

@@ -77,28 +77,25 @@ def architecture_inputs(model: torch.nn.Module) -> list[dict[str, torch.Tensor]]
     dtype = next(model.parameters()).dtype  # features and pixels in the model's own precision
     if main == "input_ids":
         inputs = model_inputs(config.vocab_size)
-    elif main == "pixel_values" and hasattr(config, "image_size") and hasattr(config, "num_channels"):
-        size = config.image_size
-        inputs = [
-            {
-                "pixel_values": torch.randn(batch, config.num_channels, size, size, generator=generator).to(
-                    dtype
-                )
-            }
-            for batch, _ in INPUT_SHAPES
-        ]
-    elif (
-        main == "input_features"
-        and hasattr(config, "num_mel_bins")
-        and hasattr(config, "max_source_positions")
-    ):
-        frames = 2 * config.max_source_positions  # the encoder's convolutions halve them
-        inputs = [
-            {"input_features": torch.randn(batch, config.num_mel_bins, frames, generator=generator).to(dtype)}
-            for batch, _ in INPUT_SHAPES
-        ]
     else:
-        raise ModelCheckSkipped(f"{type(model).__name__} reads {main}, for which this check makes no inputs")
+        if main == "pixel_values" and hasattr(config, "image_size") and hasattr(config, "num_channels"):
+            shape = (config.num_channels, config.image_size, config.image_size)
+        elif (
+            main == "input_features"
+            and hasattr(config, "num_mel_bins")
+            and hasattr(config, "max_source_positions")
+        ):
+            shape = (
+                config.num_mel_bins,
+                2 * config.max_source_positions,
+            )  # the encoder's convolutions halve it
+        else:
+            raise ModelCheckSkipped(
+                f"{type(model).__name__} reads {main}, for which this check makes no inputs"
+            )
+        inputs = [
+            {main: torch.randn(batch, *shape, generator=generator).to(dtype)} for batch, _ in INPUT_SHAPES
+        ]
     if getattr(config, "is_encoder_decoder", False):
         vocab = config.vocab_size
         for batch, (rows, length) in zip(inputs, INPUT_SHAPES):

@@ -84,12 +84,10 @@ class ModelNames:
 
 def model_names(source: Path, index: ShardedTensorIndex, adapters: Sequence[VeraAdapter]) -> ModelNames:
     """How the tensors the adapters name are stored in the base at `source` (indexed as `index`)."""
-    touched = {name for a in adapters for name in (*a.replacements, *a.base_copies)}
-    touched |= {f"{m}.weight" for a in adapters for m in a.layers}
-    missing = touched - index.tensors.keys()
     # Embedding-like layers (PEFT saves them whole: base_copies) and replaced tensors may be tied, unless the
     # config says nothing is.
     tieable = {n for a in adapters for n in (*a.replacements, *a.base_copies)}
+    missing = (tieable | {f"{m}.weight" for a in adapters for m in a.layers}) - index.tensors.keys()
     candidates = missing | (tieable if _may_tie(source) else set())
     if not candidates:
         return ModelNames(index, index)

@@ -165,6 +165,16 @@ def checkpoint_record(index: ShardedTensorIndex) -> Record | None:
     return read_record(index.root, index.metadata(index.shards[0]) if index.shards else None)
 
 
+def shown_record(index: ShardedTensorIndex, warnings: list[str]) -> Record | None:
+    """`checkpoint_record` for commands that show a record rather than act on it (inspect, verify): a malformed
+    one is a warning in `warnings`, not an error."""
+    try:
+        return checkpoint_record(index)
+    except CheckpointError as exc:
+        warnings.append(str(exc))
+        return None
+
+
 def _parse(where: Path, raw: Any) -> Record:
     def entry(value: Any) -> bool:
         return (

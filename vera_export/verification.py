@@ -25,7 +25,7 @@ import torch
 
 from .adapter import VeraAdapter, load_adapter
 from .checks import Check
-from .errors import CheckpointError, counted, listing
+from .errors import counted, listing
 from .io.index import ShardedTensorIndex
 from .io.loader import LazyTensorLoader, same_bytes
 from .io.locations import Kind, locate
@@ -35,7 +35,7 @@ from .options import VerifyOptions
 from .plan import LayerDelta, build_plan, pin_projections
 from .precision import all_finite, compute_dtype, gamma, ulp
 from .progress import progress_bar
-from .provenance import Record, checkpoint_record, describe_adapter
+from .provenance import Record, describe_adapter, shown_record
 from .reports import JsonFields
 
 PROBES = 4
@@ -142,11 +142,7 @@ def _read_record(
 ) -> None:
     """Show the merged checkpoint's record, and warn where it disagrees with the adapters given (the numbers,
     not the record, decide the verdict)."""
-    try:
-        record = checkpoint_record(index)
-    except CheckpointError as exc:
-        report.warnings.append(str(exc))
-        return
+    record = shown_record(index, report.warnings)
     if record is None:
         return
     report.record = record.to_json()
