@@ -178,16 +178,31 @@ def _store(target: torch.Tensor, values: torch.Tensor) -> None:
 
 @contextlib.contextmanager
 def _full_float32_matmul(device: torch.device) -> Iterator[None]:
-    """Float32 products in full float32 on CUDA, whatever the caller allowed (TF32 breaks the error bound)."""
-    if device.type != "cuda":
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    # torch >= 2.9 sets this through fp32_precision, and refuses to read the legacy flag once it has been used.
-    setting, full = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
-    caller = getattr(matmul, setting)
-    setattr(matmul, setting, full)
+    """Float32 products in full float32, whatever the caller allowed: TF32 on CUDA and bfloat16 on CPUs with AMX
+    (`torch.set_float32_matmul_precision("medium")` turns on either) break the error bound."""
+    cuda = device.type == "cuda"
+    matmul = torch.backends.cuda.matmul if cuda else getattr(torch.backends.mkldnn, "matmul", None)
+    # torch >= 2.9 sets this through fp32_precision, and refuses to read the legacy flags once it has been used.
+    if hasattr(matmul, "fp32_precision"):
+        with _setting(matmul, "fp32_precision", "ieee"):
+            yield
+    elif cuda:
+        with _setting(matmul, "allow_tf32", False):
+            yield
+    else:
+        caller = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(caller)
+
+
+@contextlib.contextmanager
+def _setting(owner: object, name: str, value: object) -> Iterator[None]:
+    caller = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        setattr(matmul, setting, caller)
+        setattr(owner, name, caller)
