@@ -14,22 +14,28 @@ from vera_export.guard import CancellationGuard
 from vera_export.precision import ulp
 
 
+@pytest.fixture
+def repaired(monkeypatch) -> list[tuple[int, int]]:
+    """The (row, column) of every element the guard sends to `repair`, filled in as folds run."""
+    noted: list[tuple[int, int]] = []
+    real_repair = CancellationGuard.repair
+
+    def recording_repair(guard, out):
+        noted.extend((int(i), int(j)) for part in guard.suspects for i, j in zip(part[0], part[1]))
+        real_repair(guard, out)
+
+    monkeypatch.setattr(CancellationGuard, "repair", recording_repair)
+    return noted
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
-def test_a_few_cancelling_elements_in_a_large_weight_are_repaired(dtype, fan_in_fan_out, monkeypatch) -> None:
+def test_a_few_cancelling_elements_in_a_large_weight_are_repaired(dtype, fan_in_fan_out, repaired) -> None:
     """The sparse path: a handful of suspects among many elements, recomputed from exact rows and columns.
 
     At each spot the weight is 0 and the delta's terms cancel among themselves (the projection's column is made
     orthogonal to the row's), so the sum is tiny next to its terms and the compute precision cannot vouch for it.
     """
-    repaired = []
-    real_repair = CancellationGuard.repair
-
-    def recording_repair(guard, out):
-        repaired.extend((int(i), int(j)) for part in guard.suspects for i, j in zip(part[0], part[1]))
-        real_repair(guard, out)
-
-    monkeypatch.setattr(CancellationGuard, "repair", recording_repair)
     g = torch.Generator().manual_seed(5)
     rows, cols, r = 600, 300, 16
     n_in, n_out = (rows, cols) if fan_in_fan_out else (cols, rows)
@@ -164,6 +170,28 @@ def test_a_delta_as_large_as_the_weights_folds_wide_within_one_ulp(
     errors = ulp_errors(checked, exact_fold(finite, [(left, right)]))
     errors[5, 7] = errors[17, 2] = 0.0
     assert errors.max() <= 1.0
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_a_wide_fold_sends_the_sums_float64_cannot_vouch_for_to_the_repair(fan_in_fan_out, repaired) -> None:
+    """Spots in a weight folded wide where the weight is 0 and the delta's terms cancel exactly, in pairs:
+    float64's sum is at best near 0 there, its bound flags them, and the repair gives the exact 0."""
+    rows, cols, r = 24, 20, 8
+    delta = random_delta(rows, cols, r, fan_in_fan_out, seed=3)
+    delta.lambda_d[1::2] = delta.lambda_d[0::2]
+    spots = [(2, 3), (5, 7), (21, 19)]  # two in one block of rows: the right rows' weights are repaired
+    for i, j in spots:
+        out_index, in_index = (j, i) if fan_in_fan_out else (i, j)
+        delta.vera_B[out_index] = 1.0
+        delta.vera_A[1::2, in_index] = -delta.vera_A[0::2, in_index]
+    left, right = delta.factors()
+    weight = cancelling_weight(torch.bfloat16, left, right, seed=3)
+    for i, j in spots:
+        weight[i, j] = 0.0
+    merged = fold(weight, [delta], block_rows=8)
+    assert set(spots) <= set(repaired) and len(repaired) < weight.numel() // 20
+    assert all(merged[i, j] == 0 for i, j in spots)
+    assert ulp_errors(merged, exact_fold(weight, [(left, right)])).max() <= 1.0
 
 
 def test_a_wide_fold_still_refuses_a_sum_past_the_overflow_threshold() -> None:

@@ -57,6 +57,8 @@ class VeraDelta:
     # Bounds of the non-zero |entries| of vera_A and vera_B (computed from the sliced projections when None).
     projection_floor: float | None = None
     projection_ceiling: float | None = None
+    # `projection_squares(vera_A, vera_B)`, shared by every layer of an adapter (from the sliced ones when None).
+    projection_squares: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def fits_float32(self) -> bool:
         """Whether the fold's float32 error bound holds for this delta: no factor entry, product or partial sum
@@ -89,6 +91,23 @@ class VeraDelta:
         scaled_A = _scale(self.lambda_d.to(device), self.vera_A[:, : self.in_features], dtype)
         return (scaled_A.T, scaled_B.T) if self.fan_in_fan_out else (scaled_B, scaled_A)
 
+    def squared_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float64 squared norms of the exact `left`'s rows and `right`'s columns, each within `gamma_r` (float64)
+        of exact: the projections' squares are exact, then one product and r - 1 sums of positive terms.
+
+        From the squares shared by every layer, without forming either factor: `lambda_b**2` times vera_B's row
+        sums on the output side, one product of `lambda_d**2` with vera_A's squares on the input side.
+        """
+        if self.projection_squares is None:
+            a_squares, b_squares = projection_squares(
+                self.vera_A[:, : self.in_features], self.vera_B[: self.out_features]
+            )
+        else:
+            a_squares, b_squares = self.projection_squares
+        in_side = self.lambda_d.double().square() @ a_squares[:, : self.in_features]
+        out_side = self.lambda_b.double().square() * b_squares[: self.out_features]
+        return (in_side, out_side) if self.fan_in_fan_out else (out_side, in_side)
+
     def left_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Exact float64 rows `rows` of `left`, shape (len(rows), r)."""
         if self.fan_in_fan_out:
@@ -100,6 +119,12 @@ class VeraDelta:
         if self.fan_in_fan_out:
             return self.lambda_b[columns].double()[:, None] * self.vera_B[columns].double()
         return (self.lambda_d.double()[:, None] * torch.index_select(self.vera_A, 1, columns).double()).T
+
+
+def projection_squares(vera_A: torch.Tensor, vera_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(vera_A**2, row sums of vera_B**2)` in float64, for `VeraDelta.squared_norms`: the squares of float32
+    entries are exact in float64."""
+    return vera_A.double().square(), vera_B.double().square().sum(dim=1)
 
 
 def _scale(vector: torch.Tensor, matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

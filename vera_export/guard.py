@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .precision import SIGNIFICAND_BITS, exact_sums, gamma, narrow, sparse_nonzero
+from .precision import SIGNIFICAND_BITS, exact_sums, gamma, narrow
 
 if TYPE_CHECKING:
     from .fold import VeraDelta
@@ -19,6 +19,11 @@ if TYPE_CHECKING:
 _CHUNK = 4096
 # Past one candidate in _DENSE elements of a block, the block is recomputed with one float64 product instead.
 _DENSE = 256
+# Elements of a row `inspect` tests together: one minimum each, so only segments with a suspect are looked into.
+_SEGMENT = 64
+# `fold_wide`'s row test on float32 roundings: their relative error (2**-24 where normal), and the test's own.
+_SINGLE_SLACK = 1 - 2.0**-22
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 
 class CancellationGuard:
@@ -30,9 +35,10 @@ class CancellationGuard:
     `u |y| / (1 - u)`. Rounding the sum `y` to a dtype with `p` significand bits is within 1 ulp of exact whenever
     the error is at most `m |y|` with `m = 2**-(p + 1)`. So an element can need repair only if
     `|y_ij| < K ||l_i|| ||r_j||` with `K = gamma_{k+2} / (m - 2u)`: one product with the columns' reciprocal norms
-    and one reduction per block find out. Those elements are recomputed in float64 from the exact factors (built
-    once per weight, the first time one is needed: `(rows + cols) * k` float64 values) and, where even that cannot
-    vouch for the result, exactly.
+    and one minimum per segment of a row find out, and only the segments that hold a suspect are looked into. The
+    norms come from the projections' squares, shared by every layer (`VeraDelta.squared_norms`). Those elements are
+    recomputed in float64 from the exact factors (built once per weight, the first time one is needed: `(rows +
+    cols) * k` float64 values) and, where even that cannot vouch for the result, exactly.
     """
 
     def __init__(
@@ -66,15 +72,17 @@ class CancellationGuard:
         self.gamma64 = gamma(k + 2, torch.float64)
         self.exact_compute = dtype == torch.float64
         self.deltas, self.alpha = deltas, alpha
-        # Norms nudged up by more than their own rounding error and the factors' rounding to the compute dtype
-        # could take off, so the bound never comes out too small.
-        # Squared in float64, where squares of float32 values neither underflow nor overflow.
+        # Norms of the exact factors, from the projections' squares (in float64, where squares of float32 values
+        # neither underflow nor overflow), nudged up by far more than the float64 rounding of forming them
+        # (`VeraDelta.squared_norms`, one more sum per extra adapter, the square root), so the bound never comes
+        # out too small.
         nudge = 1 + 2 * gamma(k + 2, dtype)
-        self.row_norms = left.to(torch.float64, copy=True).square_().sum(dim=1).sqrt_() * nudge
-        self.col_norms = right.to(torch.float64, copy=True).square_().sum(dim=0).sqrt_() * nudge
+        row_squares, col_squares = zip(*(delta.squared_norms() for delta in deltas))
+        self.row_norms = _total(row_squares).sqrt_() * nudge
+        self.col_norms = _total(col_squares).sqrt_() * nudge
         self.row_norms_c, self.col_norms_c = self.row_norms.to(dtype), self.col_norms.to(dtype)
         # The test `|y_ij| / c_j < scale * r_i` (the bound, divided by the column's norm): one product with a
-        # vector and one reduction per block. Each side is rounded at most twice, far inside the 2**-10 slack in
+        # vector and one reduction per segment. Each side is rounded at most twice, far inside the 2**-10 slack in
         # `error_scale`; a zero column (no delta there) has an infinite reciprocal and never becomes a suspect.
         self.inverse_col_norms_c = (1 / self.col_norms).to(dtype)
         self.thresholds_c = (self.scale * self.row_norms).to(dtype)
@@ -86,6 +94,10 @@ class CancellationGuard:
             tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         ] = []  # (rows, cols, weight values)
         self.rows, self.cols = left.shape[0], right.shape[1]
+        # `inspect` looks for suspects segment by segment: the largest divisor of a row up to _SEGMENT elements.
+        self.segment = next(
+            size for size in range(min(_SEGMENT, max(1, self.cols)), 0, -1) if self.cols % size == 0
+        )
         # Set once a block had too many suspects: the rest of the weight is folded in float64 (`fold_wide`).
         self.wide = False
         self._right_wide: torch.Tensor | None = None
@@ -136,19 +148,17 @@ class CancellationGuard:
                 self._note_near_overflow(scratch, row_norms, weight, start)
         torch.mul(block, self.inverse_col_norms_c, out=scratch).abs_()
         thresholds = self.thresholds_c[start:stop]
-        # Suspects are rare and scattered: find their rows first, then look only there. A NaN (from a NaN weight)
-        # makes its row's minimum NaN, which must not hide the row's other elements.
-        minima = scratch.amin(dim=1)
-        rows = ((minima < thresholds) | minima.isnan()).nonzero().flatten()
-        if rows.numel() == 0:
+        # Suspects are rare and scattered: find the row segments that hold one first, then look only there. A NaN
+        # (from a NaN weight) makes its segment's minimum NaN, which must not hide the segment's other elements.
+        segments = scratch.view(len(block), -1, self.segment)
+        minima = segments.amin(dim=2)
+        hits = ((minima < thresholds[:, None]) | minima.isnan()).nonzero()
+        if hits.numel() == 0:
             return True
-        cols = block.shape[1]
-        if rows.numel() * 4 < len(block):
-            where = sparse_nonzero(scratch[rows] < thresholds[rows, None])
-            i, j = rows[where // cols], where % cols
-        else:  # suspects in most rows: one pass over the block beats copying the rows out
-            where = sparse_nonzero(scratch < thresholds[:, None])
-            i, j = where // cols, where % cols
+        rows, groups = hits.unbind(1)
+        where = (segments[rows, groups] < thresholds[rows, None]).nonzero()
+        hit, offset = where.unbind(1)
+        i, j = rows[hit], groups[hit] * self.segment + offset
         if not self.exact_compute and i.numel() > block.numel() // _DENSE:
             self.wide = True
             return False
@@ -159,41 +169,50 @@ class CancellationGuard:
         """Fold rows `start:` of a 16-bit weight in float64, from the exact factors, into `out`.
 
         The product of exact float64 factors plus the weight is within `gamma64 (|w| + ||l_i|| ||r_j||)` of exact
-        in any summation order (the weight counts as one more term), so wherever that is at most `m |y|` the sum
-        rounds (`narrow`, once) to within 1 ulp; the float32 guard's cancellation bound shrinks by 2**29, so next
-        to no element is left for `repair`. Rows go `2**20 / cols` at a time, bounding the float64 buffers.
+        in any summation order (the weight counts as one more term, so one `addmm_` forms the sum), so wherever
+        that is at most `m |y|` the sum rounds (`narrow`, once) to within 1 ulp; the float32 guard's cancellation
+        bound shrinks by 2**29, so next to no element is left for `repair`. Rows are tested first from their
+        extremes, on the float32 rounding `s` that `narrow` starts from: where `s` is normal, `|y| >= |s| / (1 +
+        2**-24)`, and `_SINGLE_SLACK` leaves room for that and for the test's own roundings. The rows that fail
+        are tested element by element in float64. Rows go `2**20 / cols` at a time, bounding the buffers.
         """
         if self._right_wide is None:
             self._right_wide = self._exact_right().T.contiguous()
         left, right = self._exact_left(), self._right_wide
         step = max(1, 2**20 // max(1, self.cols))
-        buffer = torch.empty((min(step, len(weight)), self.cols), dtype=torch.float64, device=weight.device)
-        scratch = torch.empty_like(buffer)
+        shape = (min(step, len(weight)), self.cols)
+        buffer = torch.empty(shape, dtype=torch.float64, device=weight.device)
+        rounded = torch.empty(shape, dtype=torch.float32, device=weight.device)
+        magnitudes = torch.empty_like(rounded)
+        largest_col_norm = self.col_norms.amax()
         for offset in range(0, len(weight), step):
             first = start + offset
             stored = weight[offset : offset + step]
-            y, w = buffer[: len(stored)], scratch[: len(stored)].copy_(stored)
-            torch.mm(left[first : first + len(w)], right, out=y)
-            y.add_(w)  # faster than addmm here; the bound below holds for either order of the sum
-            magnitudes = y.abs()
-            # Per row from its extremes first; the rows that fail are checked element by element.
-            row_norms = self.row_norms[first : first + len(w)]
-            bound = self.gamma64 * (stored.abs().amax(dim=1).double() + row_norms * self.col_norms.amax())
-            rows = (~(bound <= self.margin * magnitudes.amin(dim=1))).nonzero().flatten()
+            n = len(stored)
+            y = buffer[:n].copy_(stored).addmm_(left[first : first + n], right)
+            single = rounded[:n].copy_(y)
+            single_magnitudes = torch.abs(single, out=magnitudes[:n])
+            row_norms = self.row_norms[first : first + n]
+            bound = self.gamma64 * (stored.abs().amax(dim=1).double() + row_norms * largest_col_norm)
+            minima = single_magnitudes.amin(dim=1).double()
+            fine = (bound <= self.margin * _SINGLE_SLACK * minima) & (minima >= _FLOAT32_TINY)
+            rows = (~fine).nonzero().flatten()
             if self.may_overflow:
-                rows = torch.cat([rows, (magnitudes.amax(dim=1) >= self.overflow_limit).nonzero().flatten()])
+                high = single_magnitudes.amax(dim=1).double() >= self.overflow_limit
+                rows = torch.cat([rows, high.nonzero().flatten()])
             if rows.numel():
                 rows = rows.unique()
-                bound = self.gamma64 * (w[rows].abs() + row_norms[rows, None] * self.col_norms)
-                unsafe = ~(bound <= self.margin * magnitudes[rows])
+                w, sums = stored[rows].double(), y[rows].abs()
+                bound = self.gamma64 * (w.abs() + row_norms[rows, None] * self.col_norms)
+                unsafe = ~(bound <= self.margin * sums)
                 if self.may_overflow:
-                    unsafe |= magnitudes[rows] >= self.overflow_limit
-                unsafe &= torch.isfinite(w[rows])  # NaN and Inf stay where they are, as in `inspect`
+                    unsafe |= sums >= self.overflow_limit
+                unsafe &= torch.isfinite(w)  # NaN and Inf stay where they are, as in `inspect`
                 where = unsafe.nonzero()
                 i, j = rows[where[:, 0]], where[:, 1]
                 if i.numel():
-                    self.suspects.append((first + i, j, w[i, j]))
-            out[offset : offset + len(w)] = narrow(y, out.dtype)
+                    self.suspects.append((first + i, j, w[where[:, 0], j]))
+            narrow(y, out.dtype, single=single, out=out[offset : offset + n])
 
     def _note_near_overflow(
         self, magnitudes: torch.Tensor, row_norms: torch.Tensor, weight: torch.Tensor, start: int
@@ -268,6 +287,11 @@ class CancellationGuard:
         """Whether float64 vouches for each recomputed element (same test, with float64's error bound)."""
         bound = self.gamma64 * (w.abs() + self.row_norms[i] * self.col_norms[j])
         return bound <= self.margin * recomputed.abs()
+
+
+def _total(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The sum of several adapters' squared norms (each a tensor of its own, free to change in place)."""
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum(dim=0)
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from .adapter import VeraAdapter
 from .errors import IncompatibleAdapterError
-from .fold import VeraDelta
+from .fold import VeraDelta, projection_squares
 from .io.loader import tensor_of
 from .precision import FOLDABLE_DTYPES, largest_magnitude, smallest_magnitude
 from .projections import Rounding, generate_projections
@@ -47,6 +47,11 @@ class Projections:
         """The largest |entry| of either projection (see `VeraDelta.fits_float32`)."""
         return max(largest_magnitude(self.vera_A), largest_magnitude(self.vera_B))
 
+    @functools.cached_property
+    def squares(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`fold.projection_squares` of the pair, formed once for every layer (see `VeraDelta.squared_norms`)."""
+        return projection_squares(self.vera_A, self.vera_B)
+
 
 @dataclass(frozen=True)
 class LayerDelta:
@@ -71,6 +76,7 @@ class LayerDelta:
             t.fan_in_fan_out,
             projection_floor=self.projections.floor,
             projection_ceiling=self.projections.ceiling,
+            projection_squares=tuple(square.to(device) for square in self.projections.squares),
         )
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,19 +79,26 @@ def all_finite(values: torch.Tensor) -> bool:
     return math.isfinite(low.item()) and math.isfinite(high.item())
 
 
-def narrow(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`values` rounded once, to nearest, to `dtype`.
+def narrow(
+    values: torch.Tensor,
+    dtype: torch.dtype,
+    single: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`values` rounded once, to nearest, to `dtype`; into `out` (of `values`' shape) when given.
 
     torch rounds float64 to float16 and bfloat16 by way of float32, twice, which can land one ulp off at a
     midpoint, and turn a sum just below the overflow threshold into infinity. The second rounding can only go wrong
     where the first landed exactly halfway between two `dtype` values (the bits below `dtype`'s last are 1 then
     zeros) or, for float16, outside its normal range, where its spacing is not float32's shifted: those few
-    elements are rounded the careful way (`_narrow_carefully`), the others keep torch's result.
+    elements are rounded the careful way (`_narrow_carefully`), the others keep torch's result. `single`, when
+    given, is `values` already rounded to float32 (contiguous): the first rounding, not done again.
     """
     if values.dtype != torch.float64 or dtype in (torch.float32, torch.float64):
-        return values.to(dtype)
-    single = values.to(torch.float32).reshape(-1)
-    result = single.to(dtype)
+        return values.to(dtype) if out is None else out.copy_(values)
+    single = (values.to(torch.float32) if single is None else single).reshape(-1)
+    direct = out is not None and out.is_contiguous()
+    result = out.view(-1).copy_(single) if direct else single.to(dtype)
     if dtype == torch.bfloat16 and sys.byteorder == "little":
         # float32's exponent range: subnormals and overflow follow the same bits. The low 16 bits of each float32
         # are every other int16 of its bytes: one strided comparison, no arithmetic pass.
@@ -108,7 +115,9 @@ def narrow(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     index = sparse_nonzero(careful)
     if index.numel():
         result[index] = _narrow_carefully(values.reshape(-1)[index], dtype)
-    return result.view(values.shape)
+    if out is None:
+        return result.view(values.shape)
+    return out if direct else out.copy_(result.view(values.shape))
 
 
 _SPAN = 64  # elements of a mask looked at together, as eight int64, by `sparse_nonzero`
