@@ -100,6 +100,20 @@ class Strength:
         scale = ", lambda_b scaled so that the delta's norm is the weight's" if self.like_weights else ""
         return f"lambda_b ~ N(0, {self.b:g}), lambda_d ~ {d}{scale}"
 
+    def lambdas(
+        self, vera_A: torch.Tensor, vera_B: torch.Tensor, in_features: int, out_features: int, generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(lambda_b, lambda_d)` for one layer of this strength, drawn from `generator`."""
+        rank = vera_A.shape[0]
+        lambda_b = torch.randn(out_features, generator=generator) * self.b
+        lambda_d = self.d_mean + torch.randn(rank, generator=generator) * self.d
+        if self.like_weights:
+            delta = (lambda_b[:, None] * vera_B[:out_features]) @ (
+                lambda_d[:, None] * vera_A[:, :in_features]
+            )
+            lambda_b *= 0.02 * math.sqrt(out_features * in_features) / delta.norm().item()
+        return lambda_b, lambda_d
+
 
 # The adapter the merge benchmark has always used: the delta about 3e-4 of the weights.
 DEFAULT_STRENGTH = Strength(b=0.01, d=0.05, d_mean=0.1)
@@ -130,13 +144,7 @@ def build_adapter(
     generator = torch.Generator().manual_seed(seed)
     for module in modules:
         out_features, in_features = shapes[f"{module}.weight"]
-        lambda_b = torch.randn(out_features, generator=generator) * strength.b
-        lambda_d = strength.d_mean + torch.randn(rank, generator=generator) * strength.d
-        if strength.like_weights:
-            delta = (lambda_b[:, None] * vera_B[:out_features]) @ (
-                lambda_d[:, None] * vera_A[:, :in_features]
-            )
-            lambda_b *= 0.02 * math.sqrt(out_features * in_features) / delta.norm().item()
+        lambda_b, lambda_d = strength.lambdas(vera_A, vera_B, in_features, out_features, generator)
         tensors[f"base_model.model.{module}.vera_lambda_b"] = lambda_b
         tensors[f"base_model.model.{module}.vera_lambda_d"] = lambda_d
     out.mkdir(parents=True)
