@@ -13,6 +13,7 @@ import pytest
 from safetensors import safe_open
 
 from tests.helpers import adapter_dir, assert_one_error_line, base_dir, cli_merge, digest, hub_cache, run_cli
+from vera_export import provenance
 from vera_export.provenance import FORMAT, METADATA_KEY, RECORD_NAME, file_digest, model_card, read_record
 from vera_export.provenance import Record as ProvenanceRecord
 
@@ -182,6 +183,37 @@ def test_a_digest_is_computed_unless_a_cache_blob_name_is_one(tmp_path: Path) ->
     assert file_digest(snapshot / "eee") == "e" * 64
     computed = hashlib.sha256(b"weights").hexdigest()
     assert file_digest(snapshot / "aaa") == file_digest(tmp_path / "elsewhere") == computed
+
+
+@pytest.mark.parametrize(
+    "chunks, finished", [(0, 0), (1, 0), (6, 1)], ids=["starved", "a chunk", "a file and a chunk"]
+)
+def test_base_digests_finish_what_the_background_thread_could_not(
+    tmp_path: Path, chunks, finished, monkeypatch
+) -> None:
+    """Behind busy processes the lowest-priority thread may hash next to nothing before the merge is done: `join`
+    takes over in the caller's thread, going on with a file begun, and the digests are the files' own."""
+    files = {"a.safetensors": bytes(range(256)) * 20, "b.safetensors": b"weights" * 700, "config.json": b"{}"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    monkeypatch.setattr(provenance, "_CHUNK", 1024)  # a.safetensors is 5 chunks
+
+    class Hurry:  # set once the background thread has hashed `chunks` chunks
+        seen = 0
+
+        def is_set(self) -> bool:
+            self.seen += 1
+            return self.seen >= chunks
+
+    def starved(self) -> None:
+        if chunks:
+            self._hash(until=Hurry())
+
+    monkeypatch.setattr(provenance.BaseDigests, "_run", starved)
+    digests = provenance.BaseDigests(tmp_path, [tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
+    digests.thread.join()
+    assert len(digests.result) == finished and (digests._begun is not None) == bool(chunks)
+    assert digests.join() == {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
 
 
 def test_a_card_without_a_base_card_ends_with_the_record_line() -> None:
