@@ -194,6 +194,20 @@ def test_a_wide_fold_sends_the_sums_float64_cannot_vouch_for_to_the_repair(fan_i
     assert ulp_errors(merged, exact_fold(weight, [(left, right)])).max() <= 1.0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_wide_fold_on_the_gpu_writes_a_cpu_output() -> None:
+    """The merge folds on the GPU into the tensor it read (on the CPU): the float64 fold's rounding too."""
+    delta = random_delta(24, 20, 8, False, seed=3)
+    left, right = delta.factors()
+    weight = cancelling_weight(torch.bfloat16, left, right, seed=3)
+    on_gpu = VeraDelta(
+        *(t.cuda() for t in (delta.lambda_b, delta.lambda_d, delta.vera_A, delta.vera_B)), 20, 24
+    )
+    merged = fold(weight.cuda(), [on_gpu], out=torch.empty_like(weight), block_rows=8)
+    assert merged.device.type == "cpu"
+    assert ulp_errors(merged, exact_fold(weight, [(left, right)])).max() <= 1.0
+
+
 def test_a_wide_fold_still_refuses_a_sum_past_the_overflow_threshold() -> None:
     """In float64 the sum does not overflow; rounding it to float16 would: refused as in the float32 path."""
     g = torch.Generator().manual_seed(4)

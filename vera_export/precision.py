@@ -85,7 +85,7 @@ def narrow(
     single: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`values` rounded once, to nearest, to `dtype`; into `out` (of `values`' shape) when given.
+    """`values` rounded once, to nearest, to `dtype`; into `out` (of `values`' shape, any device) when given.
 
     torch rounds float64 to float16 and bfloat16 by way of float32, twice, which can land one ulp off at a
     midpoint, and turn a sum just below the overflow threshold into infinity. The second rounding can only go wrong
@@ -97,7 +97,7 @@ def narrow(
     if values.dtype != torch.float64 or dtype in (torch.float32, torch.float64):
         return values.to(dtype) if out is None else out.copy_(values)
     single = (values.to(torch.float32) if single is None else single).reshape(-1)
-    direct = out is not None and out.is_contiguous()
+    direct = out is not None and out.is_contiguous() and out.device == values.device
     result = out.view(-1).copy_(single) if direct else single.to(dtype)
     if dtype == torch.bfloat16 and sys.byteorder == "little":
         # float32's exponent range: subnormals and overflow follow the same bits. The low 16 bits of each float32
