@@ -14,6 +14,9 @@ from safetensors import safe_open
 
 from tests.helpers import adapter_dir, assert_one_error_line, base_dir, cli_merge, digest, hub_cache, run_cli
 from vera_export import provenance
+from vera_export.errors import CheckpointError
+from vera_export.merging import merge
+from vera_export.options import MergeOptions
 from vera_export.provenance import FORMAT, METADATA_KEY, RECORD_NAME, file_digest, model_card, read_record
 from vera_export.provenance import Record as ProvenanceRecord
 
@@ -214,6 +217,36 @@ def test_base_digests_finish_what_the_background_thread_could_not(
     digests.thread.join()
     assert len(digests.result) == finished and (digests._begun is not None) == bool(chunks)
     assert digests.join() == {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+
+def test_a_base_file_gone_while_hashing_is_one_error_naming_the_base(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    monkeypatch.setattr(
+        provenance.BaseDigests, "_run", lambda self: None
+    )  # the thread got no CPU: join hashes
+    digests = provenance.BaseDigests(tmp_path, [tmp_path / "model.safetensors"])
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(
+        CheckpointError, match=f"^{tmp_path}: could not be read while hashing it .*No such file"
+    ):
+        digests.join()
+
+
+def test_a_failed_merge_stops_hashing_the_base(inputs, monkeypatch) -> None:
+    """Nothing joins the digests of a merge that failed: leaving it, the merge stops the thread and closes its file."""
+    tmp_path, base, adapter, _ = inputs
+    seen = []
+    real_exit = provenance.BaseDigests.__exit__
+
+    def recording_exit(self, *exc_info):
+        real_exit(self, *exc_info)
+        seen.append((exc_info[0], self.thread.is_alive(), self._begun))
+
+    monkeypatch.setattr(provenance.BaseDigests, "__exit__", recording_exit)
+    monkeypatch.setattr("vera_export.merging.rewrite_tensors", lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        merge(base, [adapter], tmp_path / "out", MergeOptions(progress=False))
+    assert seen == [(ZeroDivisionError, False, None)]
 
 
 def test_a_card_without_a_base_card_ends_with_the_record_line() -> None:

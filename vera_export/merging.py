@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -229,22 +230,25 @@ def _rewrite(
     total = sum(info.nbytes for info in index.tensors.values())
     with staged_output(output, [source, *(a.path for a in adapters)], force, fsync) as staging:
         # The base's own files are hashed beside the merge, unless its record already has them.
-        digests = BaseDigests(source, index.shards) if record is not None and carried is None else None
-        with progress_bar(total, label, progress) as advance:
-            rewrite_tensors(
-                index, plan.deltas, replacements, staging, alpha, torch.device(device), block_rows, fsync,
-                overlap, report, advance, record,
-            )  # fmt: skip
-        if index.is_sharded:
-            write_index(staging / INDEX_NAME, index.weight_map, index.index_metadata or {}, fsync)
-        side.copy(staging)
-        if alpha > 0 and names.tied:
-            write_untied_config(staging)
-        if record is not None:
-            if digests is not None:
-                record.base["sha256"] = digests.join()
-            write_record(staging, record, source)
-            report.record = record.to_json()
+        hashing = (
+            BaseDigests(source, index.shards) if record is not None and carried is None else nullcontext()
+        )
+        with hashing as digests:
+            with progress_bar(total, label, progress) as advance:
+                rewrite_tensors(
+                    index, plan.deltas, replacements, staging, alpha, torch.device(device), block_rows, fsync,
+                    overlap, report, advance, record,
+                )  # fmt: skip
+            if index.is_sharded:
+                write_index(staging / INDEX_NAME, index.weight_map, index.index_metadata or {}, fsync)
+            side.copy(staging)
+            if alpha > 0 and names.tied:
+                write_untied_config(staging)
+            if record is not None:
+                if digests is not None:
+                    record.base["sha256"] = digests.join()
+                write_record(staging, record, source)
+                report.record = record.to_json()
     report.seconds = time.perf_counter() - started
     return report
 

@@ -291,6 +291,7 @@ class BaseDigests:
             self._hash(until=self._hurry)
         except BaseException as exc:  # re-raised in the main thread by `join`
             self.error = exc
+            self._close()
 
     def _hash(self, until: threading.Event | None = None) -> None:
         """Hash the files left, in order, going on with one begun; stop between chunks once `until` is set."""
@@ -321,13 +322,26 @@ class BaseDigests:
         except OSError as exc:
             self.error = exc
         finally:
-            if self._begun is not None:
-                self._begun[0].close()
+            self._close()
         if self.error is not None:
             raise CheckpointError(
                 f"{self.directory}: could not be read while hashing it ({quoted(str(self.error))})"
             ) from None
         return self.result
+
+    def __enter__(self) -> BaseDigests:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Stop hashing (when the merge failed: nothing joined): the background thread ends after its chunk."""
+        self._hurry.set()
+        self.thread.join()
+        self._close()
+
+    def _close(self) -> None:
+        if self._begun is not None:
+            self._begun[0].close()
+            self._begun = None
 
 
 def model_files(source: Path) -> list[str]:
