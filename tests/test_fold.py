@@ -123,14 +123,16 @@ def test_cuda_folds_in_full_float32_whatever_tf32_setting_the_caller_chose() -> 
 
 def test_the_cpu_folds_in_full_float32_whatever_matmul_precision_the_caller_chose() -> None:
     """`torch.set_float32_matmul_precision("medium")`, common in training scripts, lets oneDNN multiply float32 in
-    bfloat16 on CPUs with AMX: off by far more than the guard's bound. The fold turns it off while it runs. (Where
-    oneDNN has no bfloat16 kernel the setting changes nothing, and this passes either way.)"""
+    bfloat16 on CPUs with AMX: off by far more than the guard's bound. The fold turns it off while it runs (where
+    oneDNN has no bfloat16 kernel the setting changes nothing, and only the setting's check can fail)."""
     delta = random_delta(256, 512, 64, False, seed=2)
     weight = torch.randn(256, 512, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     left, right = delta.factors()
     caller = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("medium")
+        with _full_float32_matmul(torch.device("cpu")):  # on any CPU, whether or not it has bfloat16 kernels
+            assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
         merged = fold(weight, [delta])
         assert torch.get_float32_matmul_precision() == "medium"
     finally:
