@@ -29,6 +29,7 @@ from make_checkpoint import STRENGTHS  # noqa: E402
 from merge_bench import machine  # noqa: E402
 
 import vera_export.fold as ours  # noqa: E402
+from vera_export.plan import Projections  # noqa: E402
 from vera_export.precision import ulp  # noqa: E402
 from vera_export.projections import generate_projections  # noqa: E402
 
@@ -43,15 +44,13 @@ def _baseline(tree: Path, into: Path):
 
 
 def _delta(module, lambda_b, lambda_d, vera_A, vera_B, rows, cols, fan_in_fan_out):
-    """`module`'s VeraDelta, with what the merge computes once per adapter (the projections' bounds, and their
-    squares where that version uses them) computed here, outside the timing, as the merge does."""
+    """`module`'s VeraDelta, with what the merge computes once per adapter (`plan.Projections`: the projections'
+    bounds, and their squares where that version uses them) computed here, outside the timing."""
     in_features, out_features = (rows, cols) if fan_in_fan_out else (cols, rows)
-    shared = {
-        "projection_floor": min(vera_A.abs().min().item(), vera_B.abs().min().item()),
-        "projection_ceiling": max(vera_A.abs().max().item(), vera_B.abs().max().item()),
-    }
+    projections = Projections(vera_A, vera_B, stored=True)
+    shared = {"projection_floor": projections.floor, "projection_ceiling": projections.ceiling}
     if "projection_squares" in module.VeraDelta.__dataclass_fields__:
-        shared["projection_squares"] = module.projection_squares(vera_A, vera_B)
+        shared["projection_squares"] = projections.squares
     return module.VeraDelta(
         lambda_b, lambda_d, vera_A, vera_B, in_features, out_features, fan_in_fan_out, **shared
     )

@@ -274,10 +274,10 @@ class BaseDigests:
     def __init__(self, directory: Path, shards: Iterable[Path]) -> None:
         """Start hashing `shards` (paths under `directory`) and `model_files(directory)`."""
         self.directory = directory
-        self.files = sorted([str(Path(s).relative_to(directory)) for s in shards] + model_files(directory))
         self.result: dict[str, str] = {}
         self.error: BaseException | None = None
-        self._left = list(self.files)  # not finished, in order; the first may be begun (`_begun`)
+        # Not finished, in order; the first may be begun (`_begun`).
+        self._left = sorted([str(Path(s).relative_to(directory)) for s in shards] + model_files(directory))
         self._begun: tuple[BinaryIO, Any] | None = None  # (its file, the digest so far)
         self._hurry = threading.Event()
         self.thread = threading.Thread(target=self._run, name="vera-export-digests", daemon=True)
